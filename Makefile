@@ -1,0 +1,58 @@
+# cpu-arena: every target uses the project's own .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= deploy/models.toml
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup models up down status logs check test lint download eval bench worker clean
+
+setup: $(STAMP) models  ## create .venv with exact pins, then fetch + convert the embedded models
+
+$(STAMP): pyproject.toml deploy/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, with its exact pin: it takes the CPU wheel on disk, never a CUDA build.
+	$(PY) -m pip install -q -c deploy/constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c deploy/constraints.txt -e '.[dev]'
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m launch.embedded_models
+
+up: $(STAMP)
+	$(PY) -m launch up --config $(CONFIG)
+
+down:
+	@$(PY) -m launch down --config $(CONFIG)
+
+status:
+	@$(PY) -m launch status --config $(CONFIG)
+
+logs:
+	@$(PY) -m launch logs --config $(CONFIG)
+
+check: $(STAMP)
+	$(PY) -m launch check --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+download: $(STAMP)
+	$(PY) -m launch download --config $(if $(filter deploy/models.toml,$(CONFIG)),deploy/seed-models.toml,$(CONFIG)) $(MODEL)
+
+eval: $(STAMP)
+	$(PY) -m evals run --config $(CONFIG)
+	$(PY) -m evals report latest
+
+bench: $(STAMP)
+	$(PY) -m launch bench --config $(CONFIG)
+
+worker: $(STAMP)
+	$(PY) -m launch worker --config $(CONFIG) $(ARGS)
+
+clean: down
+	rm -rf run

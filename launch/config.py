@@ -1,0 +1,208 @@
+"""The one config file (deploy/models.toml) that is the source of truth for models and ports.
+
+Every process reads it through `load_config`; nothing else restates ports or model lists.
+Errors name the field and the fix, and are raised before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "deploy" / "models.toml"
+CONFIG_ENV = "CPU_ARENA_CONFIG"
+
+DTYPES = ("bfloat16", "float32", "auto")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user: which file, which field, how to fix it."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than not: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    controller_port: int = Field(21001, ge=1, le=65535)
+    api_port: int = Field(8000, ge=1, le=65535)
+    ui_port: int = Field(7860, ge=1, le=65535)
+    worker_base_port: int = Field(21002, ge=1, le=65535)
+    # Address other hosts use to reach this machine's controller (multi-host); defaults to host.
+    advertise_host: str | None = None
+    run_dir: str = "../run"
+    # API keys: listed here or, better, in the environment variable named by api_keys_env.
+    api_keys: tuple[str, ...] = ()
+    api_keys_env: str = "CPU_ARENA_API_KEYS"
+    # FastChat's worker calls time out after 100 s; a long CPU answer takes minutes.
+    worker_api_timeout: float = Field(900.0, gt=0)
+    startup_timeout: float = Field(900.0, gt=0)
+    # Restart a crashed worker, waiting backoff_initial * 2**n seconds (capped) between tries.
+    restart_backoff_initial: float = Field(1.0, gt=0)
+    restart_backoff_max: float = Field(30.0, gt=0)
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        env = os.environ.get(self.api_keys_env, "")
+        from_env = tuple(k.strip() for k in env.split(",") if k.strip())
+        return tuple(self.api_keys) + from_env
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:-]+$")
+    path: str
+    dtype: str = "auto"
+    threads: int | Literal["auto"] = "auto"
+    trust_remote_code: bool = False
+    # "batching": the project's continuous-batching worker; "fastchat": stock model_worker.
+    worker: Literal["batching", "fastchat"] = "fastchat"
+    port: int | None = Field(None, ge=1, le=65535)
+    # Requests waiting beyond this answer 429 instead of queueing without bound.
+    max_queue: int = Field(16, ge=1)
+    max_batch: int = Field(8, ge=1)
+    # Conversation template override; normally the adapter detects it from the checkpoint.
+    conv_template: str | None = None
+    # ModelScope id for `make download`, e.g. "ZhipuAI/chatglm3-6b".
+    modelscope_id: str | None = None
+    modelscope_revision: str | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_ok(cls, v: str) -> str:
+        if v in ("float16", "fp16", "half"):
+            raise ValueError(
+                "float16 is refused on CPU (matmuls are unimplemented or crawl there); "
+                "use dtype = \"bfloat16\" or \"float32\" (or \"auto\": bf16 where the CPU has bf16 units)"
+            )
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
+        return v
+
+
+class ArenaConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+    # Filled in by load_config, not read from the file.
+    source: Path = Field(default=DEFAULT_CONFIG, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ArenaConfig:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
+        ports: dict[int, str] = {}
+        for label, port in self.ports().items():
+            if port in ports:
+                raise ValueError(
+                    f"port clash: {label} and {ports[port]} both use port {port}; "
+                    "give one of them another port in [server] or the model's `port`"
+                )
+            ports[port] = label
+        return self
+
+    # ---- derived values: the only place ports and paths are computed ----
+    def worker_port(self, model: ModelConfig) -> int:
+        if model.port is not None:
+            return model.port
+        return self.server.worker_base_port + self.models.index(model)
+
+    def ports(self) -> dict[str, int]:
+        s = self.server
+        out = {"server.controller_port": s.controller_port, "server.api_port": s.api_port, "server.ui_port": s.ui_port}
+        for m in self.models:
+            out[f"models[{m.name}].port"] = self.worker_port(m)
+        return out
+
+    def model_path(self, model: ModelConfig) -> Path:
+        p = Path(os.path.expanduser(os.path.expandvars(model.path)))
+        return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+    def run_dir(self) -> Path:
+        p = Path(os.environ.get("CPU_ARENA_RUN_DIR") or os.path.expanduser(self.server.run_dir))
+        return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def threads(self, model: ModelConfig) -> int:
+        if model.threads != "auto":
+            return model.threads
+        # Workers share the cores: N workers x all cores each oversubscribes and crawls (STACK.md).
+        return max(1, (os.cpu_count() or 1) // len(self.models))
+
+    def controller_url(self) -> str:
+        return f"http://{_url_host(self.server.host)}:{self.server.controller_port}"
+
+    def api_url(self) -> str:
+        return f"http://{_url_host(self.server.host)}:{self.server.api_port}/v1"
+
+    def ui_url(self) -> str:
+        return f"http://{_url_host(self.server.host)}:{self.server.ui_port}"
+
+    def check_paths(self) -> None:
+        """Refuse to start when a model folder is missing: say which entry and how to get it."""
+        for i, m in enumerate(self.models):
+            p = self.model_path(m)
+            if not (p / "config.json").is_file():
+                how = (
+                    f"run `make download MODEL={m.name} CONFIG={self.source}`"
+                    if m.modelscope_id
+                    else "run `make setup` (embedded models) or fix the path"
+                )
+                raise ConfigError(
+                    f"{self.source}: models[{i}] ({m.name}).path: no checkpoint at {p} "
+                    f"(config.json missing); {how}"
+                )
+
+    def check_exposure(self) -> None:
+        """Binding beyond loopback without API keys would open the models to the network."""
+        if self.server.host not in LOOPBACK and not self.server.resolved_api_keys():
+            raise ConfigError(
+                f"{self.source}: server.host = {self.server.host!r} exposes the API beyond this machine "
+                f"but no API key is configured; set {self.server.api_keys_env}=key1,key2 in the environment "
+                "(or server.api_keys), or bind host = \"127.0.0.1\""
+            )
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?); remove it or see deploy/models.toml for the known keys"
+        elif e["type"] == "missing":
+            msg = "required field is missing; add it"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None) -> ArenaConfig:
+    path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}; pass CONFIG=deploy/models.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return ArenaConfig(**raw, source=path)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(path, e)) from None

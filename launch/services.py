@@ -1,0 +1,145 @@
+"""Turns the config into the processes to run: the only place FastChat's command lines are built."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from launch.config import ArenaConfig, ModelConfig
+from launch.hardware import resolve_dtype
+
+ENTRY = "launch.fastchat_entry"
+WORKER_MODULES = {
+    "fastchat": "fastchat.serve.model_worker",
+    "batching": "launch.batching_worker",
+}
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str  # "controller", "worker:<model>", "api", "ui"
+    kind: str  # controller | worker | api | ui
+    argv: tuple[str, ...]
+    port: int
+    health_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+
+
+def _python_entry(module: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", ENTRY, module, *args)
+
+
+def base_env(cfg: ArenaConfig) -> dict[str, str]:
+    """Environment shared by every service process."""
+    run_dir = cfg.run_dir()
+    return {
+        "CPU_ARENA_CONFIG": str(cfg.source),
+        "CPU_ARENA_RUN_DIR": str(run_dir),
+        # FastChat writes conversation and vote logs under LOGDIR.
+        "LOGDIR": str(run_dir / "conversations"),
+        "FASTCHAT_WORKER_API_TIMEOUT": str(int(cfg.server.worker_api_timeout)),
+        # Local calls must never go through a proxy (STACK.md).
+        "no_proxy": "localhost,127.0.0.1,::1",
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+        "PYTHONUNBUFFERED": "1",
+        # Keep the UI from phoning home (analytics) on offline machines.
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def worker_env(cfg: ArenaConfig, model: ModelConfig) -> dict[str, str]:
+    threads = str(cfg.threads(model))
+    env = {
+        "CPU_ARENA_THREADS": threads,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "CPU_ARENA_MODEL": model.name,
+    }
+    # OpenMP's busy-wait makes a worker 28x slower when another process holds a core (STACK.md);
+    # passive waiting costs a little on a quiet machine but never collapses.
+    total = cfg.threads(model) * len(cfg.models)
+    if total > 1 and len(cfg.models) > 1:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def worker_spec(cfg: ArenaConfig, model: ModelConfig, *, controller_url: str | None = None,
+                advertise_host: str | None = None) -> ServiceSpec:
+    host = cfg.server.host
+    port = cfg.worker_port(model)
+    reach = advertise_host or cfg.server.advertise_host or _url_host(host)
+    args = [
+        "--host", host,
+        "--port", str(port),
+        "--worker-address", f"http://{reach}:{port}",
+        "--controller-address", controller_url or cfg.controller_url(),
+        "--model-path", str(cfg.model_path(model)),
+        "--model-names", model.name,
+        "--device", "cpu",
+        "--dtype", resolve_dtype(model.dtype),
+        "--limit-worker-concurrency", str(model.max_queue),
+    ]
+    if model.conv_template:
+        args += ["--conv-template", model.conv_template]
+    return ServiceSpec(
+        name=f"worker:{model.name}",
+        kind="worker",
+        argv=_python_entry(WORKER_MODULES[model.worker], *args),
+        port=port,
+        health_url=f"http://{_url_host(host)}:{port}/worker_get_status",
+        env=worker_env(cfg, model),
+        model=model.name,
+    )
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def build_services(cfg: ArenaConfig) -> list[ServiceSpec]:
+    s = cfg.server
+    h = _url_host(s.host)
+    controller = ServiceSpec(
+        name="controller",
+        kind="controller",
+        argv=_python_entry("fastchat.serve.controller", "--host", s.host, "--port", str(s.controller_port)),
+        port=s.controller_port,
+        health_url=f"http://{h}:{s.controller_port}/test_connection",
+    )
+    workers = [worker_spec(cfg, m) for m in cfg.models]
+    api = ServiceSpec(
+        name="api",
+        kind="api",
+        argv=_python_entry(
+            "fastchat.serve.openai_api_server",
+            "--host", s.host, "--port", str(s.api_port),
+            "--controller-address", cfg.controller_url(),
+        ),
+        port=s.api_port,
+        health_url=f"http://{h}:{s.api_port}/v1/models",
+    )
+    ui = ServiceSpec(
+        name="ui",
+        kind="ui",
+        argv=_python_entry(
+            "fastchat.serve.gradio_web_server_multi",
+            "--host", s.host, "--port", str(s.ui_port),
+            "--controller-url", cfg.controller_url(),
+            "--model-list-mode", "reload",
+        ),
+        port=s.ui_port,
+        health_url=f"http://{h}:{s.ui_port}/",
+    )
+    return [controller, *workers, api, ui]
+
+
+def process_env(cfg: ArenaConfig, spec: ServiceSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(base_env(cfg))
+    env.update(spec.env)
+    # API keys reach the API server through the environment, never argv (visible in `ps`).
+    return env
