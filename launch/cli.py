@@ -146,10 +146,13 @@ def cmd_supervise(cfg: ArenaConfig, args) -> int:
     return Supervisor(cfg).run()
 
 
-def cmd_models(cfg: ArenaConfig, args) -> int:
-    from launch.embedded_models import main as embedded_main
-
-    return embedded_main([])
+# Commands owned by their own module: `python -m launch <cmd> --config X [args...]` calls
+# `<module>.main(cfg, argv)`, and that module parses its own options.
+DELEGATED = {
+    "download": ("launch.download", "download a seed model from ModelScope (MODEL=name)"),
+    "worker": ("launch.remote_worker", "run one model worker that joins a (possibly remote) controller"),
+    "bench": ("launch.bench", "measure decode speed, scaling, bandwidth and roofline"),
+}
 
 
 COMMANDS = {
@@ -159,7 +162,6 @@ COMMANDS = {
     "logs": (cmd_logs, "tail the service logs"),
     "check": (cmd_check, "validate the config, model paths and ports without starting anything"),
     "supervise": (cmd_supervise, "(internal) the supervisor process `up` starts"),
-    "models": (cmd_models, "fetch and convert the embedded default models"),
 }
 
 
@@ -172,15 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("-n", "--lines", type=int, default=40)
             p.add_argument("-f", "--follow", action="store_true")
+    for name, (_, help_) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("--config", default=None)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func = COMMANDS[args.command][0]
     try:
         cfg = load_config(args.config)
-        return func(cfg, args)
+        if args.command in DELEGATED:
+            import importlib
+
+            module = importlib.import_module(DELEGATED[args.command][0])
+            return module.main(cfg, args.rest)
+        return COMMANDS[args.command][0](cfg, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,29 @@
+"""Shared fixtures. The real stack (both embedded models) is started once per test session,
+lazily, by the first test that asks for `stack`; every stack test shares it to keep CI short."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from launch.config import load_config
+from tests.stackutil import Stack, free_ports_config, stack_for
+
+os.environ.setdefault("no_proxy", "localhost,127.0.0.1,::1")
+
+
+def _models_present() -> bool:
+    cfg = load_config()
+    return all((cfg.model_path(m) / "config.json").is_file() for m in cfg.models)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    if not _models_present():
+        pytest.fail("embedded models are missing: run `make setup` before `make test`")
+    tmp = tmp_path_factory.mktemp("stack")
+    st = stack_for(free_ports_config(tmp))
+    st.up()
+    yield st
+    st.down()

@@ -1,0 +1,105 @@
+"""Build configs on free ports and run the real stack from tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, server: dict, models: list[dict]) -> Path:
+    lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in server.items()]
+    for m in models:
+        lines += ["", "[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in m.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
+    """The shipped default model entries with absolute paths (optionally a subset, with overrides)."""
+    raw = tomllib.loads(DEFAULT_CONFIG.read_text())
+    out = []
+    for m in raw["models"]:
+        if names and m["name"] not in names:
+            continue
+        m = dict(m, path=str((DEFAULT_CONFIG.parent / m["path"]).resolve()))
+        m.update(overrides)
+        out.append(m)
+    return out
+
+
+def free_ports_config(tmp: Path, models: list[dict] | None = None, **server) -> Path:
+    base = {
+        "host": "127.0.0.1",
+        "controller_port": free_port(),
+        "api_port": free_port(),
+        "ui_port": free_port(),
+        "worker_base_port": free_port(),
+        "run_dir": str(tmp / "run"),
+        "startup_timeout": 600,
+    }
+    models = models if models is not None else default_models()
+    # Worker ports: give each model its own free port rather than base+i (which may be taken).
+    models = [dict(m, port=m.get("port") or free_port()) for m in models]
+    base.update(server)
+    return write_config(tmp / "arena.toml", base, models)
+
+
+@dataclass
+class Stack:
+    config_path: Path
+    cfg: ArenaConfig
+
+    @property
+    def api_url(self) -> str:
+        return self.cfg.api_url()
+
+    @property
+    def ui_url(self) -> str:
+        return self.cfg.ui_url()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir()
+
+    def launch(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch", *args, "--config", str(self.config_path)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "no_proxy": "localhost,127.0.0.1,::1"},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.launch("up")
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.launch("down", timeout=180)
+
+
+def stack_for(config_path: Path) -> Stack:
+    return Stack(config_path, load_config(config_path))
