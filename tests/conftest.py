@@ -27,3 +27,16 @@ def stack(tmp_path_factory) -> Stack:
     st.up()
     yield st
     st.down()
+    assert_stopped(st)
+
+
+def assert_stopped(st: Stack) -> None:
+    """After `down`: the supervisor and every service it started are gone."""
+    from launch.state import pid_alive, read_state
+
+    state = read_state(st.run_dir)
+    assert state is not None
+    left = [s.name for s in state.services.values() if pid_alive(s.pid)]
+    if pid_alive(state.supervisor_pid):
+        left.append("supervisor")
+    assert not left, f"processes left after down: {left}"

@@ -1,0 +1,121 @@
+"""Config validation: a bad config stops before anything starts, naming the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.config import ConfigError, load_config
+from tests.stackutil import write_config
+
+GOOD_MODEL = {"name": "m1", "path": "ckpt", "dtype": "bfloat16"}
+
+
+def _cfg(tmp_path, server=None, models=None):
+    return write_config(tmp_path / "c.toml", server or {}, models if models is not None else [GOOD_MODEL])
+
+
+def test_default_config_parses_and_serves_two_embedded_models():
+    cfg = load_config()
+    assert [m.name for m in cfg.models] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.ports()["server.controller_port"] == 21001
+    assert cfg.worker_port(cfg.models[0]) == 21002 and cfg.worker_port(cfg.models[1]) == 21003
+    assert cfg.model_path(cfg.models[0]).name == "SmolLM2-135M-Instruct"
+
+
+def test_seed_config_has_the_lab_models_with_remote_code():
+    from launch.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "deploy" / "seed-models.toml")
+    by_name = {m.name: m for m in cfg.models}
+    assert by_name["chatglm3-6b"].modelscope_id == "ZhipuAI/chatglm3-6b"
+    assert by_name["qwen-7b-chat"].modelscope_id == "qwen/Qwen-7B-Chat"
+    assert all(m.trust_remote_code and m.dtype == "bfloat16" for m in cfg.models)
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_cfg(tmp_path, models=[{**GOOD_MODEL, "dtpye": "float32"}]))
+    assert "models.0.dtpye" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_float16_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_cfg(tmp_path, models=[{**GOOD_MODEL, "dtype": "float16"}]))
+    msg = str(e.value)
+    assert "models.0.dtype" in msg and "bfloat16" in msg and "float32" in msg
+
+
+def test_unknown_dtype(tmp_path):
+    with pytest.raises(ConfigError, match="models.0.dtype: unknown dtype 'int8'"):
+        load_config(_cfg(tmp_path, models=[{**GOOD_MODEL, "dtype": "int8"}]))
+
+
+def test_missing_required_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"models.0.path: required field is missing"):
+        load_config(_cfg(tmp_path, models=[{"name": "m1"}]))
+
+
+def test_no_models(tmp_path):
+    with pytest.raises(ConfigError, match="models"):
+        load_config(_cfg(tmp_path, models=[]))
+
+
+def test_port_clash_names_both_sides(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_cfg(tmp_path, server={"api_port": 7000, "ui_port": 7000}))
+    assert "server.api_port" in str(e.value) and "server.ui_port" in str(e.value) and "7000" in str(e.value)
+
+
+def test_worker_port_clash_with_controller(tmp_path):
+    with pytest.raises(ConfigError, match=r"models\[m1\].port"):
+        load_config(_cfg(tmp_path, server={"controller_port": 9100}, models=[{**GOOD_MODEL, "port": 9100}]))
+
+
+def test_duplicate_model_names(tmp_path):
+    with pytest.raises(ConfigError, match="repeated"):
+        load_config(_cfg(tmp_path, models=[GOOD_MODEL, {**GOOD_MODEL, "port": 9999}]))
+
+
+def test_missing_checkpoint_names_the_entry_and_the_fix(tmp_path):
+    cfg = load_config(_cfg(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        cfg.check_paths()
+    assert "models[0] (m1).path" in str(e.value) and "make setup" in str(e.value)
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_public_host_without_keys_refuses(tmp_path, monkeypatch):
+    monkeypatch.delenv("CPU_ARENA_API_KEYS", raising=False)
+    cfg = load_config(_cfg(tmp_path, server={"host": "0.0.0.0"}))
+    with pytest.raises(ConfigError, match="CPU_ARENA_API_KEYS"):
+        cfg.check_exposure()
+    monkeypatch.setenv("CPU_ARENA_API_KEYS", "k1")
+    cfg.check_exposure()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_config(_cfg(tmp_path))
+    assert cfg.model_path(cfg.models[0]) == (tmp_path / "ckpt").resolve()
+
+
+def test_auto_threads_split_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    cfg = load_config(_cfg(tmp_path, models=[GOOD_MODEL, {**GOOD_MODEL, "name": "m2"}]))
+    assert [cfg.threads(m) for m in cfg.models] == [2, 2]
+
+
+def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):
+    from launch.cli import main
+
+    path = _cfg(tmp_path, models=[{**GOOD_MODEL, "dtype": "float16"}])
+    assert main(["check", "--config", str(path)]) == 2
+    assert "models.0.dtype" in capsys.readouterr().err
