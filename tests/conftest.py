@@ -4,6 +4,7 @@ lazily, by the first test that asks for `stack`; every stack test shares it to k
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,8 @@ from launch.config import load_config
 from tests.stackutil import Stack, free_ports_config, stack_for
 
 os.environ.setdefault("no_proxy", "localhost,127.0.0.1,::1")
+# FastChat's loggers write <name>.log into $LOGDIR (default: the cwd) as soon as a module is imported.
+os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="cpu-arena-test-logs-"))
 
 
 def _models_present() -> bool:

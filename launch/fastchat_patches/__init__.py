@@ -15,6 +15,18 @@ import importlib
 
 PATCHES: tuple[str, ...] = (
     "streaming_json",
+    # Our adapters are asked first, by checkpoint content (worker_adapters/).
+    "adapter_dispatch",
+    "ui_utf8_stream",
+    "ui_battle_pair",
+    "ui_offline_page",
+    # The API server's guard (issue 5); api_errors wraps get_worker_address before api_limits.
+    "api_errors",
+    "api_limits",
+    "api_keys",
+    "api_metrics",
+    "controller_fast_removal",
+    "durable_ui_logs",
 )
 
 _applied: set[str] = set()
