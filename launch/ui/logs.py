@@ -1,0 +1,28 @@
+"""Append-only conversation and vote log, in FastChat's format ($LOGDIR/<date>-conv.json, one JSON per line).
+
+Written through launch/jsonl_log.py (issue 5's durable writer: O_APPEND, one write per record, fsync),
+the same path FastChat's own log writes take under launch/fastchat_patches/durable_ui_logs.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastchat.serve.gradio_web_server import get_conv_log_filename
+
+from launch import jsonl_log
+
+
+def log_path() -> str:
+    return get_conv_log_filename()
+
+
+def append_record(record: dict) -> str:
+    path = log_path()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    jsonl_log.append_record(path, record)
+    return path
+
+
+def log_dir() -> str:
+    return os.path.dirname(os.path.abspath(log_path()))
