@@ -182,7 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse's REMAINDER does not take options ("--quick") right after the subcommand's own:
+    # a delegated command gets every argument the parser does not know.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if args.command not in DELEGATED:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = [*unknown, *args.rest]
     try:
         cfg = load_config(args.config)
         if args.command in DELEGATED:

@@ -38,6 +38,9 @@ class ServerConfig(_Strict):
     worker_base_port: int = Field(21002, ge=1, le=65535)
     # Address other hosts use to reach this machine's controller (multi-host); defaults to host.
     advertise_host: str | None = None
+    # Controller and worker ports have no authentication: they bind 127.0.0.1 even when `host` is
+    # public, unless the user opts in here (multi-host: remote workers must reach the controller).
+    expose_internal: bool = False
     run_dir: str = "../run"
     # API keys: listed here or, better, in the environment variable named by api_keys_env.
     api_keys: tuple[str, ...] = ()
@@ -45,6 +48,10 @@ class ServerConfig(_Strict):
     # FastChat's worker calls time out after 100 s; a long CPU answer takes minutes.
     worker_api_timeout: float = Field(900.0, gt=0)
     startup_timeout: float = Field(900.0, gt=0)
+    # FastChat's defaults (heartbeat every 45 s, expiry after 90 s) leave a restarted controller
+    # without workers for up to a minute; workers re-register on the first heartbeat it answers.
+    heartbeat_interval: int = Field(5, ge=1)
+    heartbeat_expiration: int = Field(30, ge=2)
     # Restart a crashed worker, waiting backoff_initial * 2**n seconds (capped) between tries.
     restart_backoff_initial: float = Field(1.0, gt=0)
     restart_backoff_max: float = Field(30.0, gt=0)
@@ -53,6 +60,19 @@ class ServerConfig(_Strict):
         env = os.environ.get(self.api_keys_env, "")
         from_env = tuple(k.strip() for k in env.split(",") if k.strip())
         return tuple(self.api_keys) + from_env
+
+    def internal_host(self) -> str:
+        """Where the controller and workers bind: loopback unless expose_internal says otherwise."""
+        return self.host if self.expose_internal else "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> ServerConfig:
+        if self.heartbeat_expiration <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_expiration ({self.heartbeat_expiration}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval}), or live workers get dropped between heartbeats"
+            )
+        return self
 
 
 class ModelConfig(_Strict):
@@ -142,7 +162,7 @@ class ArenaConfig(_Strict):
         return max(1, (os.cpu_count() or 1) // len(self.models))
 
     def controller_url(self) -> str:
-        return f"http://{_url_host(self.server.host)}:{self.server.controller_port}"
+        return f"http://{_url_host(self.server.internal_host())}:{self.server.controller_port}"
 
     def api_url(self) -> str:
         return f"http://{_url_host(self.server.host)}:{self.server.api_port}/v1"

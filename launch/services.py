@@ -25,6 +25,8 @@ class ServiceSpec:
     health_url: str
     env: dict[str, str] = field(default_factory=dict)
     model: str | None = None
+    # Workers only: the address they register under (what the controller routes to).
+    worker_url: str | None = None
 
 
 def _python_entry(module: str, *args: str) -> tuple[str, ...]:
@@ -40,6 +42,10 @@ def base_env(cfg: ArenaConfig) -> dict[str, str]:
         # FastChat writes conversation and vote logs under LOGDIR.
         "LOGDIR": str(run_dir / "conversations"),
         "FASTCHAT_WORKER_API_TIMEOUT": str(int(cfg.server.worker_api_timeout)),
+        # Read by fastchat.constants at import: how fast workers find a restarted controller,
+        # and how long the controller keeps a silent worker.
+        "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(cfg.server.heartbeat_interval),
+        "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": str(cfg.server.heartbeat_expiration),
         # Local calls must never go through a proxy (STACK.md).
         "no_proxy": "localhost,127.0.0.1,::1",
         "NO_PROXY": "localhost,127.0.0.1,::1",
@@ -68,10 +74,14 @@ def worker_env(cfg: ArenaConfig, model: ModelConfig) -> dict[str, str]:
 
 
 def worker_spec(cfg: ArenaConfig, model: ModelConfig, *, controller_url: str | None = None,
-                advertise_host: str | None = None) -> ServiceSpec:
-    host = cfg.server.host
-    port = cfg.worker_port(model)
-    reach = advertise_host or cfg.server.advertise_host or _url_host(host)
+                advertise_host: str | None = None, host: str | None = None,
+                port: int | None = None) -> ServiceSpec:
+    # A local worker binds loopback unless server.expose_internal; a remote one (launch.remote_worker)
+    # passes the address it binds and the one the controller and API server use to reach it.
+    host = host or cfg.server.internal_host()
+    port = port or cfg.worker_port(model)
+    published = cfg.server.advertise_host if cfg.server.expose_internal else None
+    reach = advertise_host or published or _url_host(host)
     args = [
         "--host", host,
         "--port", str(port),
@@ -93,6 +103,7 @@ def worker_spec(cfg: ArenaConfig, model: ModelConfig, *, controller_url: str | N
         health_url=f"http://{_url_host(host)}:{port}/worker_get_status",
         env=worker_env(cfg, model),
         model=model.name,
+        worker_url=f"http://{reach}:{port}",
     )
 
 
@@ -103,12 +114,13 @@ def _url_host(host: str) -> str:
 def build_services(cfg: ArenaConfig) -> list[ServiceSpec]:
     s = cfg.server
     h = _url_host(s.host)
+    internal = s.internal_host()
     controller = ServiceSpec(
         name="controller",
         kind="controller",
-        argv=_python_entry("fastchat.serve.controller", "--host", s.host, "--port", str(s.controller_port)),
+        argv=_python_entry("fastchat.serve.controller", "--host", internal, "--port", str(s.controller_port)),
         port=s.controller_port,
-        health_url=f"http://{h}:{s.controller_port}/test_connection",
+        health_url=f"http://{_url_host(internal)}:{s.controller_port}/test_connection",
     )
     workers = [worker_spec(cfg, m) for m in cfg.models]
     api = ServiceSpec(
@@ -126,7 +138,7 @@ def build_services(cfg: ArenaConfig) -> list[ServiceSpec]:
         name="ui",
         kind="ui",
         argv=_python_entry(
-            "fastchat.serve.gradio_web_server_multi",
+            "launch.ui.app",  # our page on FastChat's UI pieces (launch/ui/app.py says why)
             "--host", s.host, "--port", str(s.ui_port),
             "--controller-url", cfg.controller_url(),
             "--model-list-mode", "reload",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import probes
+from launch.api_guard.controller_client import remove_worker
 from launch.config import ArenaConfig
 from launch.services import ServiceSpec, build_services, process_env
 from launch.state import RunState, ServiceState, log_path, write_state
@@ -31,11 +32,14 @@ class Child:
 def port_problems(cfg: ArenaConfig) -> list[str]:
     """Ports already taken by someone else: refuse before starting anything."""
     out = []
+    public = ("server.api_port", "server.ui_port")
     for label, port in cfg.ports().items():
-        with socket.socket(socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET) as s:
+        # Controller and workers bind server.internal_host() (loopback unless expose_internal).
+        host = cfg.server.host if label in public else cfg.server.internal_host()
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((cfg.server.host, port))
+                s.bind((host, port))
             except OSError as e:
                 out.append(f"{cfg.source}: {label} = {port} is already in use ({e.strerror}); "
                            "stop what uses it (`make down`?) or choose another port in the config")
@@ -66,7 +70,7 @@ class Supervisor:
             out.flush()
             child.proc = subprocess.Popen(
                 child.spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=process_env(self.cfg, child.spec), cwd=self.cfg.source.parent.parent,
+                env=process_env(self.cfg, child.spec), cwd=self.run_dir,  # stray relative writes land in the run folder
                 start_new_session=True,  # own process group: we can stop it and its children together
             )
         child.state.pid = child.proc.pid
@@ -81,7 +85,8 @@ class Supervisor:
             if child.proc and child.proc.poll() is None:
                 terminate(child.proc.pid)
                 child.proc.wait(timeout=5)
-            child.state.status = "stopped"
+            if child.state.status != "failed":
+                child.state.status = "stopped"
         self.save()
 
     def save(self) -> None:
@@ -95,7 +100,11 @@ class Supervisor:
         order = ["controller"] + [n for n in self.children if n.startswith("worker:")] + ["api", "ui"]
         self._spawn(self.children["controller"])
         self.save()
-        if not self._wait(lambda: probes.http_ok(self.children["controller"].spec.health_url), 30):
+        controller = self.children["controller"]
+        # Importing FastChat takes 20-40 s on a loaded 2-core machine; a crash ends the wait at once.
+        self._wait(lambda: probes.http_ok(controller.spec.health_url) or controller.proc.poll() is not None,
+                   min(120.0, self.cfg.server.startup_timeout))
+        if not probes.http_ok(controller.spec.health_url):
             return self._fail("controller did not answer")
         for name in order[1:]:
             self._spawn(self.children[name])
@@ -132,13 +141,16 @@ class Supervisor:
         return all(c.state.status == "ready" for c in self.children.values())
 
     def _fail(self, message: str) -> bool:
-        self.state.phase = "failed"
         self.state.message = message
         for child in self.children.values():
             if child.proc and child.proc.poll() is not None and child.state.status != "stopped":
                 child.state.status = "failed"
+        self.state.phase = "stopping"
         self.save()
         self._stop_all()
+        # Only now: `up` returns as soon as it reads "failed", and nothing may be left running then.
+        self.state.phase = "failed"
+        self.save()
         return False
 
     def _wait(self, cond, timeout: float) -> bool:
@@ -161,6 +173,9 @@ class Supervisor:
                         child.state.status = "ready" if self._child_ready(child) else "restarting"
                     continue
                 if child.next_restart == 0.0:
+                    if child.spec.worker_url:
+                        # The controller would keep routing to it until the heartbeat expires.
+                        remove_worker(self.cfg.controller_url(), child.spec.worker_url)
                     delay = min(s.restart_backoff_initial * 2 ** child.state.restarts, s.restart_backoff_max)
                     child.next_restart = now + delay
                     child.state.status = "restarting"
