@@ -1,0 +1,6 @@
+"""Continuous batching for the project's FastChat-compatible worker (launch/batching_worker.py).
+
+- params.py: FastChat's request dict -> typed sampling/stop parameters, and per-row token choice.
+- text.py:   incremental detokenization (no re-decoding of the whole output) and stop strings.
+- engine.py: the decode loop: one thread, one left-padded batch whose rows join and leave.
+"""

@@ -1,0 +1,244 @@
+"""The continuous-batching decode loop.
+
+One thread owns the model. New requests are prefilled one at a time at batch 1 (exactly the
+single-request computation), then their KV cache joins the running batch: every row is
+left-padded to the longest row and masked, and each decode step runs all rows at once. A row
+leaves as soon as it stops (its own stop tokens/strings/length), and fully padded leading
+columns are trimmed. Decoding on CPU is memory-bound: a step reads every weight once whatever
+the batch size, so B rows cost about as much as one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from launch.batching.params import GenParams, choose_token
+from launch.batching.text import IncrementalText, StopText
+
+log = logging.getLogger("batching")
+
+
+@dataclass
+class Chunk:
+    """What one request's stream receives: cumulative text, like FastChat's worker sends."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    params: GenParams
+    prompt_ids: list[int]
+    sink: Callable[[Chunk], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    output_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    # filled in by the engine
+    detok: IncrementalText | None = None
+    stop_text: StopText | None = None
+    sent_len: int = -1
+
+    def cancel(self) -> None:
+        # Read by the engine thread between steps; a bool store is atomic under the GIL.
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    req: Request
+    length: int  # real tokens in this row's cache
+    last_token: int
+
+
+class BatchEngine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.context_len = context_len
+        self.incoming: queue.Queue[Request] = queue.Queue()
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.steps = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        # OpenMP's thread count is per calling thread: carry the launcher's setting into the loop thread.
+        self._threads = torch.get_num_threads()
+
+    # ---- public, any thread ----
+    def start(self) -> BatchEngine:
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.incoming.put(None)  # type: ignore[arg-type]  # wake the loop
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def submit(self, params: GenParams, sink: Callable[[Chunk], None]) -> Request:
+        ids = self.tokenizer(params.prompt).input_ids
+        # Leave room for the answer, as FastChat's generate_stream does.
+        keep = max(1, self.context_len - params.max_new_tokens - 1)
+        req = Request(params=params, prompt_ids=list(ids[-keep:]), sink=sink)
+        self.incoming.put(req)
+        return req
+
+    def load(self) -> int:
+        """Requests running or waiting (reported to the controller as queue length)."""
+        return len(self.rows) + self.incoming.qsize()
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
+        waiting: list[Request] = []
+        while not self._stop.is_set():
+            try:
+                block = not self.rows and not waiting
+                while True:
+                    item = self.incoming.get(block=block)
+                    block = False
+                    if item is None:
+                        break
+                    waiting.append(item)
+            except queue.Empty:
+                pass
+            if self._stop.is_set():
+                break
+            try:
+                with torch.inference_mode():
+                    while waiting and len(self.rows) < self.max_batch:
+                        self._admit(waiting.pop(0))
+                    if self.rows:
+                        self._step()
+            except Exception as e:  # never let one bad batch kill the worker
+                log.exception("batch step failed")
+                for row in self.rows:
+                    self._finish(row.req, None, error=f"{type(e).__name__}: {e}")
+                self.rows, self.cache = [], None
+
+    def _admit(self, req: Request) -> None:
+        if req.cancelled:
+            return
+        req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
+        req.stop_text = StopText(req.params.stop)
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+        # Only the last position's logits are needed: skips a [prompt x vocab] matmul.
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = choose_token(out.logits[0, -1], req.params, req.prompt_ids)
+        row = _Row(req=req, length=len(req.prompt_ids), last_token=token)
+        if self._accept(row, token):
+            self._join(row, out.past_key_values)
+
+    def _step(self) -> None:
+        batch = len(self.rows)
+        width = self.cache.get_seq_length()
+        input_ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long)
+        mask = torch.zeros(batch, width + 1, dtype=torch.long)
+        for i, r in enumerate(self.rows):
+            mask[i, width - r.length:] = 1
+        # Each row continues at its own position, whatever its padding.
+        positions = torch.tensor([[r.length] for r in self.rows], dtype=torch.long)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.steps += 1
+        logits = out.logits[:, -1, :]
+        keep = []
+        for i, r in enumerate(self.rows):
+            r.length += 1
+            token = choose_token(logits[i], r.req.params, r.req.prompt_ids + r.req.output_ids)
+            r.last_token = token
+            if self._accept(r, token):
+                keep.append(i)
+        if len(keep) != batch:
+            self._select(keep)
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Record a sampled token; send text; False when the row is done."""
+        req = row.req
+        if req.cancelled:
+            return False
+        p = req.params
+        if token in p.stop_token_ids:
+            self._finish(req, "stop")
+            return False
+        req.output_ids.append(token)
+        req.stop_text.extend(req.detok.add(token))
+        if req.stop_text.stopped:
+            self._finish(req, "stop")
+            return False
+        if len(req.output_ids) >= p.max_new_tokens or row.length + 1 >= self.context_len:
+            req.stop_text.extend(req.detok.flush())
+            self._finish(req, "stop" if req.stop_text.stopped else "length")
+            return False
+        visible = req.stop_text.visible()
+        if len(visible) != req.sent_len:
+            req.sent_len = len(visible)
+            self._send(req, visible, None)
+        return True
+
+    def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
+        text = req.stop_text.visible(final=True) if req.stop_text else ""
+        self._send(req, text, reason, error)
+
+    def _send(self, req: Request, text: str, reason: str | None, error: str | None = None) -> None:
+        if req.params.echo:
+            text = req.params.prompt + text
+        try:
+            req.sink(Chunk(text, len(req.prompt_ids), len(req.output_ids), reason, error))
+        except Exception:  # a closed client must not break the batch
+            req.cancel()
+
+    # ---- the batched KV cache ----
+    def _join(self, row: _Row, cache) -> None:
+        new = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+        if self.cache is None:
+            self.rows, self.cache = [row], DynamicCache.from_legacy_cache(new)
+            return
+        old = self.cache.to_legacy_cache()
+        width_old, width_new = old[0][0].shape[-2], new[0][0].shape[-2]
+        width = max(width_old, width_new)
+        layers = []
+        for (ko, vo), (kn, vn) in zip(old, new, strict=True):
+            layers.append((
+                torch.cat([_left_pad(ko, width), _left_pad(kn, width)], dim=0),
+                torch.cat([_left_pad(vo, width), _left_pad(vn, width)], dim=0),
+            ))
+        self.rows.append(row)
+        self.cache = DynamicCache.from_legacy_cache(tuple(layers))
+
+    def _select(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.cache = [], None
+            return
+        self.rows = [self.rows[i] for i in keep]
+        width = self.cache.get_seq_length()
+        # Columns that are padding in every remaining row are dropped.
+        trim = width - max(r.length for r in self.rows)
+        idx = torch.tensor(keep, dtype=torch.long)
+        layers = tuple((k[idx, :, trim:, :], v[idx, :, trim:, :]) for k, v in self.cache.to_legacy_cache())
+        self.cache = DynamicCache.from_legacy_cache(layers)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - t.shape[-2]
+    if pad == 0:
+        return t
+    zeros = t.new_zeros(*t.shape[:-2], pad, t.shape[-1])
+    return torch.cat([zeros, t], dim=-2)

@@ -1,0 +1,209 @@
+"""A FastChat-compatible model worker that batches concurrent requests (continuous batching).
+
+    python -m launch.fastchat_entry launch.batching_worker <the arguments of fastchat.serve.model_worker>
+
+It speaks FastChat's worker protocol unchanged (register + heartbeat with the controller,
+/worker_generate_stream, /worker_generate, /worker_get_status, /count_token,
+/worker_get_conv_template, /model_details), so FastChat's API server and UI use it as they use
+the stock worker. Differences that matter: requests arriving while others decode join the
+running batch (launch/batching/engine.py), output text is built incrementally and streamed after
+every token, and the model and conversation template come from FastChat's adapters
+(`load_model`, `get_conversation_template`), which honour the project's worker_adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from launch.batching.engine import BatchEngine, Chunk
+from launch.batching.params import GenParams
+
+app = FastAPI()
+worker: BatchingWorker | None = None
+
+
+def _chunk_json(c: Chunk) -> dict:
+    from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
+
+    if c.error:
+        return {"text": f"{SERVER_ERROR_MSG}\n\n({c.error})", "error_code": int(ErrorCode.INTERNAL_ERROR)}
+    out = {
+        "text": c.text,
+        "error_code": 0,
+        "usage": {
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+        },
+        "finish_reason": c.finish_reason,
+    }
+    return out
+
+
+def _base_worker_class():
+    from fastchat.serve.base_model_worker import BaseModelWorker
+
+    class BatchingWorker(BaseModelWorker):
+        def __init__(self, args: argparse.Namespace, worker_id: str):
+            super().__init__(
+                args.controller_address, args.worker_address, worker_id, args.model_path,
+                args.model_names, args.limit_worker_concurrency, conv_template=args.conv_template,
+            )
+            from fastchat.model.model_adapter import load_model
+            from fastchat.utils import get_context_length, str_to_torch_dtype
+
+            self.model, self.tokenizer = load_model(
+                args.model_path, device="cpu", num_gpus=1, dtype=str_to_torch_dtype(args.dtype),
+            )
+            self.model.eval()
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.context_len = get_context_length(self.model.config)
+            self.max_queue = args.limit_worker_concurrency
+            self.engine = BatchEngine(self.model, self.tokenizer, max_batch=args.max_batch,
+                                      context_len=self.context_len).start()
+            if not args.no_register:
+                self.init_heart_beat()
+
+        def get_queue_length(self) -> int:
+            return self.engine.load()
+
+        def params(self, raw: dict) -> GenParams:
+            return GenParams.from_fastchat(raw, self.tokenizer.eos_token_id)
+
+    return BatchingWorker
+
+
+BatchingWorker = None  # set by create_worker (the class needs fastchat imported)
+
+
+async def _stream(params: GenParams):
+    """Yield Chunk objects for one request; cancels the request if the client goes away."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[Chunk] = asyncio.Queue()
+    req = worker.engine.submit(params, lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
+    try:
+        while True:
+            c = await q.get()
+            yield c
+            if c.finish_reason is not None or c.error:
+                return
+    finally:
+        req.cancel()
+
+
+def _overloaded() -> JSONResponse | None:
+    from fastchat.constants import ErrorCode
+
+    if worker.engine.load() >= worker.max_queue + worker.engine.max_batch:
+        return JSONResponse({"text": "worker overloaded, retry later", "error_code": int(ErrorCode.ENGINE_OVERLOADED)},
+                            status_code=429)
+    return None
+
+
+@app.post("/worker_generate_stream")
+async def api_generate_stream(request: Request):
+    raw = await request.json()
+    if (busy := _overloaded()) is not None:
+        return busy
+    worker.call_ct += 1
+    params = worker.params(raw)
+
+    async def body():
+        async for c in _stream(params):
+            yield json.dumps(_chunk_json(c)).encode() + b"\0"
+
+    return StreamingResponse(body())
+
+
+@app.post("/worker_generate")
+async def api_generate(request: Request):
+    raw = await request.json()
+    if (busy := _overloaded()) is not None:
+        return busy
+    worker.call_ct += 1
+    last = None
+    async for c in _stream(worker.params(raw)):
+        last = c
+    return JSONResponse(_chunk_json(last))
+
+
+@app.post("/worker_get_status")
+async def api_get_status(request: Request):
+    return worker.get_status()
+
+
+@app.post("/count_token")
+async def api_count_token(request: Request):
+    return worker.count_token(await request.json())
+
+
+@app.post("/worker_get_conv_template")
+async def api_get_conv(request: Request):
+    return worker.get_conv_template()
+
+
+@app.post("/model_details")
+async def api_model_details(request: Request):
+    return {"context_length": worker.context_len}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="localhost")
+    p.add_argument("--port", type=int, default=21002)
+    p.add_argument("--worker-address", default="http://localhost:21002")
+    p.add_argument("--controller-address", default="http://localhost:21001")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-names", type=lambda s: s.split(","), default=None)
+    p.add_argument("--conv-template", default=None)
+    p.add_argument("--device", default="cpu", choices=["cpu"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--limit-worker-concurrency", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="rows decoded together (default: the model's max_batch in the config, else 8)")
+    p.add_argument("--no-register", action="store_true")
+    # Accept (and ignore) the stock worker's other options so the command lines are interchangeable.
+    args, _unknown = p.parse_known_args(argv)
+    if args.max_batch is None:
+        args.max_batch = _configured_max_batch()
+    return args
+
+
+def _configured_max_batch() -> int:
+    # The launcher passes the config file and model name in the environment (launch/services.py).
+    name, path = os.environ.get("CPU_ARENA_MODEL"), os.environ.get("CPU_ARENA_CONFIG")
+    if name and path:
+        try:
+            from launch.config import load_config
+
+            return load_config(path).model(name).max_batch
+        except Exception:
+            pass
+    return 8
+
+
+def create_worker(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:
+    global worker, BatchingWorker
+    args = parse_args(argv)
+    BatchingWorker = _base_worker_class()
+    worker = BatchingWorker(args, str(uuid.uuid4())[:8])
+    return args, worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args, _ = create_worker(argv)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

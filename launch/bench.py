@@ -1,0 +1,293 @@
+"""`make bench` / `python -m launch bench --config X [--json PATH] [--quick] [--worker W] [--shape qwen-7b]`.
+
+One run measures, per configured model: raw transformers `generate` (batch 1) decode tokens/s and
+time to first token; the same through the running OpenAI API with streaming, and their ratio;
+aggregate tokens/s with 1, 2, 4, 8 concurrent streaming clients; memory bandwidth and the
+roofline (bandwidth / weight bytes read per token) with the fraction reached at batch 1; worker
+RSS against weight bytes; every worker decoding at once against solo; and `make up` time.
+
+If no stack is running for the config, the bench starts one on free ports in a temporary run
+folder (timing `up`), and stops it afterwards. Medians over repeats; min-max shown as noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launch.bench_stats import ModelReport, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
+from launch.config import REPO_ROOT, ArenaConfig, load_config
+from launch.hardware import cpu_count, resolve_dtype
+from launch.state import is_ours, read_state
+
+CLIENTS = (1, 2, 4, 8)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch bench", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, default=None, help="write the JSON report here (default run/bench/<time>.json)")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and one repeat (a smoke run)")
+    p.add_argument("--worker", choices=("batching", "fastchat"), default=None,
+                   help="override every model's worker in the stack the bench starts")
+    p.add_argument("--models", default=None, help="comma-separated subset of the configured models")
+    p.add_argument("--shape", choices=("qwen-7b",), default=None,
+                   help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--clients", default=None, help="client counts, e.g. 1,2,4,8")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bench_config(cfg: ArenaConfig, models: list[str], worker: str | None, run_dir: Path) -> Path:
+    """A copy of the config on free ports, a private run folder and (optionally) another worker."""
+    import tomllib
+
+    raw = tomllib.loads(cfg.source.read_text())
+    server = dict(raw.get("server", {}), host="127.0.0.1", controller_port=_free_port(), api_port=_free_port(),
+                  ui_port=_free_port(), worker_base_port=_free_port(), run_dir=str(run_dir))
+    server.pop("advertise_host", None)
+    entries = []
+    for m in raw["models"]:
+        if m["name"] not in models:
+            continue
+        m = dict(m, path=str(cfg.model_path(cfg.model(m["name"]))), port=_free_port())
+        if worker:
+            m["worker"] = worker
+        entries.append(m)
+
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = ["[server]"] + [f"{k} = {val(v)}" for k, v in server.items()]
+    for m in entries:
+        lines += ["", "[[models]]"] + [f"{k} = {val(v)}" for k, v in m.items()]
+    path = run_dir.parent / "bench.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _launch(config: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *args, "--config", str(config)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "no_proxy": "localhost,127.0.0.1,::1",
+                               # the services run from the config's folder: keep this checkout importable
+                               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))})
+
+
+def _running(cfg: ArenaConfig) -> bool:
+    state = read_state(cfg.run_dir())
+    return bool(state and state.phase == "ready" and is_ours(state.supervisor_pid))
+
+
+def _rss(pid: int | None) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _load(cfg: ArenaConfig, name: str):
+    import torch
+    from fastchat.model.model_adapter import load_model
+    from fastchat.utils import str_to_torch_dtype
+
+    from launch.fastchat_entry import prepare_process
+
+    prepare_process()  # the project's adapters, as in the worker
+    m = cfg.model(name)
+    model, tok = load_model(str(cfg.model_path(m)), device="cpu", num_gpus=1,
+                            dtype=str_to_torch_dtype(resolve_dtype(m.dtype)))
+    return model.eval(), tok, torch
+
+
+def _prompt_ids(cfg: ArenaConfig, name: str, tok):
+    from fastchat.model.model_adapter import get_conversation_template
+
+    from launch.bench_api import PROMPT
+
+    conv = get_conversation_template(str(cfg.model_path(cfg.model(name))))
+    conv.append_message(conv.roles[0], PROMPT)
+    conv.append_message(conv.roles[1], None)
+    import torch
+
+    return torch.tensor([tok(conv.get_prompt()).input_ids])
+
+
+def run_shape(args: argparse.Namespace) -> int:
+    import torch
+
+    from launch.bench_raw import bandwidth_bytes_per_s, build_shape_model, param_bytes, raw_decode
+
+    n = cpu_count()
+    torch.set_num_threads(n)
+    bw = bandwidth_bytes_per_s(n)
+    t = time.perf_counter()
+    model = build_shape_model(args.shape)
+    built = time.perf_counter() - t
+    total, emb, tied = param_bytes(model)
+    per_token = weight_bytes_per_token(total, emb, tied)
+    tokens, repeats = args.tokens or (4 if args.quick else 8), args.repeats or (1 if args.quick else 2)
+    ids = torch.randint(0, 1000, (1, 64))
+    rate, ttft = raw_decode(model, ids, tokens, repeats)
+    roof = roofline_tokens_per_s(bw.median, per_token)
+    rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1)
+    out = {"shape": args.shape, "dtype": "bfloat16", "threads": n, "built_s": built, "weights_bytes": total,
+           "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
+           "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
+           "roofline_fraction": {args.shape: rate.median / roof}, "batch4_aggregate_tokens_per_s": rate4.__dict__}
+    print(f"{args.shape} (random weights, bf16, {n} threads): {total / 1e9:.1f} GB built in {built:.0f} s, "
+          f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.fmt() if False else f'{bw.median / 1e9:.1f}'} GB/s, "
+          f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {rate.median / roof:.0%} of it; "
+          f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
+    _write_json(args, out)
+    return 0
+
+
+def _write_json(args: argparse.Namespace, out: dict) -> Path:
+    path = args.json or (REPO_ROOT / "run" / "bench" / time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"JSON: {path}")
+    return path
+
+
+def plot(reports: list[ModelReport], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in reports:
+        xs = sorted(m.concurrency_tps)
+        ys = [m.concurrency_tps[x].median if m.concurrency_tps[x] else 0 for x in xs]
+        a.plot(xs, ys, marker="o", label=m.name)
+    a.set_xlabel("concurrent streaming clients")
+    a.set_ylabel("aggregate tokens/s")
+    a.set_xscale("log", base=2)
+    a.legend()
+    a.set_title("scaling through the API")
+    names = [m.name for m in reports]
+    bars = {"raw generate": [m.raw_decode_tps.median if m.raw_decode_tps else 0 for m in reports],
+            "API stream": [m.api_decode_tps.median if m.api_decode_tps else 0 for m in reports],
+            "roofline": [m.roofline_tps or 0 for m in reports]}
+    w = 0.25
+    for i, (label, vals) in enumerate(bars.items()):
+        b.bar([j + i * w for j in range(len(names))], vals, w, label=label)
+    b.set_xticks([j + w for j in range(len(names))], names)
+    b.set_ylabel("batch-1 decode tokens/s")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main(cfg: ArenaConfig, argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.shape:
+        return run_shape(args)
+    names = args.models.split(",") if args.models else [m.name for m in cfg.models]
+    tokens = args.tokens or (16 if args.quick else 48)
+    repeats = args.repeats or (1 if args.quick else 3)
+    clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else ((1, 2) if args.quick else CLIENTS)
+    headers = {"Authorization": f"Bearer {cfg.server.resolved_api_keys()[0]}"} if cfg.server.resolved_api_keys() else {}
+
+    # The stack: the running one for this config, else our own on free ports.
+    tmp = None
+    stack_cfg, up_time = cfg, None
+    if args.worker or args.models or not _running(cfg):
+        tmp = Path(tempfile.mkdtemp(prefix="cpu-arena-bench-"))
+        stack_cfg = load_config(_bench_config(cfg, names, args.worker, tmp / "run"))
+        print(f"starting a stack for the bench ({', '.join(names)}; run dir {tmp / 'run'}) ...", flush=True)
+        t = time.perf_counter()
+        up = _launch(stack_cfg.source, "up")
+        up_time = time.perf_counter() - t
+        if up.returncode != 0:
+            print(up.stdout, up.stderr, file=sys.stderr)
+            _launch(stack_cfg.source, "down", timeout=180)
+            return 1
+        print(f"  ready in {up_time:.0f} s", flush=True)
+    else:
+        print(f"using the running stack of {cfg.source}; `make up` time is not measured (stack already up)")
+    try:
+        return _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time)
+    finally:
+        if tmp is not None:
+            _launch(stack_cfg.source, "down", timeout=180)
+
+
+def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time) -> int:
+    import torch
+
+    from launch.bench_api import aggregate_tps, api_decode, shared_decode
+    from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, raw_decode, threads
+
+    state = read_state(stack_cfg.run_dir())
+    worker_pids = {s.model: s.pid for s in state.services.values() if s.model} if state else {}
+    api = stack_cfg.api_url()
+    reports, tokenizers = [], {}
+    bw_threads = stack_cfg.threads(stack_cfg.model(names[0]))
+    bw = bandwidth_bytes_per_s(bw_threads, repeats=repeats + 2)
+    bw_all = bandwidth_bytes_per_s(cpu_count(), repeats=repeats + 2)
+    machine = {"cores": cpu_count(), "bandwidth_gbs": bw.median / 1e9, "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9],
+               "bandwidth_threads": bw_threads, "bandwidth_all_gbs": bw_all.median / 1e9, "torch": torch.__version__}
+    for name in names:
+        m = stack_cfg.model(name)
+        n_threads = stack_cfg.threads(m)
+        print(f"[{name}] raw generate ({n_threads} thread(s)) ...", flush=True)
+        model, tok, _ = _load(cfg, name)
+        tokenizers[name] = tok
+        total, emb, tied = param_bytes(model)
+        per_token = weight_bytes_per_token(total, emb, tied)
+        ids = _prompt_ids(cfg, name, tok)
+        with threads(n_threads):
+            # Same thread count and wait policy as the worker gets, so API/raw compares serving cost only.
+            raw_rate, raw_ttft = raw_decode(model, ids, tokens, repeats)
+        del model
+        r = ModelReport(name=name, worker=m.worker, dtype=resolve_dtype(m.dtype), threads=n_threads,
+                        weights_bytes=total, bytes_per_token=per_token, raw_decode_tps=raw_rate, raw_ttft_s=raw_ttft,
+                        roofline_tps=roofline_tokens_per_s(bw.median, per_token), rss_bytes=_rss(worker_pids.get(name)))
+        print(f"[{name}] API streaming ...", flush=True)
+        r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
+        for c in clients:
+            print(f"[{name}] {c} concurrent client(s) ...", flush=True)
+            r.concurrency_tps[c] = aggregate_tps(api, name, tok, c, tokens, max(1, repeats - 1), headers)
+        reports.append(r)
+    if len(names) > 1:
+        print("all workers decoding at once ...", flush=True)
+        shared = shared_decode(api, [(n, tokenizers[n]) for n in names], tokens, repeats, headers)
+        for r in reports:
+            r.shared_decode_tps = shared.get(r.name)
+    settings = {"tokens": tokens, "repeats": repeats, "clients": list(clients), "config": str(cfg.source),
+                "stack_config": str(stack_cfg.source)}
+    out = report_json(reports, machine, up_time, settings)
+    print()
+    print(table(reports, machine, up_time))
+    path = _write_json(args, out)
+    if not args.no_plot:
+        plot(reports, path.with_suffix(".png"))
+    return 0

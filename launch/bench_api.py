@@ -1,0 +1,117 @@
+"""Measurements through the running OpenAI-compatible API: streaming decode speed, TTFT, concurrency."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from launch.bench_stats import Stat
+
+PROMPT = "Count from 1 to 300, separated by commas, and say nothing else."
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float
+    decode_s: float  # first content chunk -> last content chunk
+    text: str
+    wall_s: float
+
+
+def stream_chat(api_url: str, model: str, max_tokens: int, *, headers: dict | None = None,
+                prompt: str = PROMPT, timeout: float = 600) -> StreamResult:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "temperature": 0, "max_tokens": max_tokens}
+    t0 = time.perf_counter()
+    first = last = None
+    parts: list[str] = []
+    with httpx.Client(timeout=timeout, trust_env=False) as client, \
+            client.stream("POST", f"{api_url}/chat/completions", json=body, headers=headers or {}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "choices" not in data:
+                raise RuntimeError(f"stream error: {data}")
+            content = data["choices"][0].get("delta", {}).get("content")
+            if content:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                parts.append(content)
+    end = time.perf_counter()
+    if first is None:
+        raise RuntimeError(f"{model}: the stream carried no text")
+    return StreamResult(first - t0, last - first, "".join(parts), end - t0)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def api_decode(api_url: str, model: str, tokenizer, max_tokens: int, repeats: int,
+               headers: dict | None = None) -> tuple[Stat, Stat]:
+    """(decode tokens/s, TTFT) of single streaming requests; tokens counted by re-tokenizing the text."""
+    stream_chat(api_url, model, 4, headers=headers)  # warm: template fetch, first-call costs
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        r = stream_chat(api_url, model, max_tokens, headers=headers)
+        n = count_tokens(tokenizer, r.text)
+        if n > 1 and r.decode_s > 0:
+            rates.append((n - 1) / r.decode_s)
+        ttfts.append(r.ttft_s)
+    return Stat.of(rates), Stat.of(ttfts)
+
+
+def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
+               headers: dict | None = None) -> tuple[float, list[StreamResult | Exception], list[int]]:
+    """Start every (model, tokenizer) job at once; returns wall time, results and token counts."""
+    results: list[StreamResult | Exception] = [None] * len(jobs)  # type: ignore[list-item]
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i: int, model: str) -> None:
+        barrier.wait()
+        try:
+            results[i] = stream_chat(api_url, model, max_tokens, headers=headers)
+        except Exception as e:  # reported, not raised: one failed client must not hide the rest
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, (m, _) in enumerate(jobs)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    tokens = [count_tokens(tok, r.text) if isinstance(r, StreamResult) else 0
+              for r, (_, tok) in zip(results, jobs, strict=True)]
+    return wall, results, tokens
+
+
+def aggregate_tps(api_url: str, model: str, tokenizer, clients: int, max_tokens: int, repeats: int,
+                  headers: dict | None = None) -> Stat | None:
+    rates = []
+    for _ in range(repeats):
+        wall, results, tokens = concurrent(api_url, [(model, tokenizer)] * clients, max_tokens, headers)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise RuntimeError(f"{model}: {len(errors)}/{clients} clients failed: {errors[0]}")
+        rates.append(sum(tokens) / wall)
+    return Stat.of(rates)
+
+
+def shared_decode(api_url: str, jobs: list[tuple[str, object]], max_tokens: int, repeats: int,
+                  headers: dict | None = None) -> dict[str, Stat | None]:
+    """Every model decoding at once (one client each): each model's own decode tokens/s."""
+    per: dict[str, list[float]] = {m: [] for m, _ in jobs}
+    for _ in range(repeats):
+        _, results, tokens = concurrent(api_url, jobs, max_tokens, headers)
+        for (m, _), r, n in zip(jobs, results, tokens, strict=True):
+            if isinstance(r, StreamResult) and n > 1 and r.decode_s > 0:
+                per[m].append((n - 1) / r.decode_s)
+    return {m: Stat.of(v) for m, v in per.items()}

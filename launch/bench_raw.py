@@ -1,0 +1,102 @@
+"""In-process measurements: memory bandwidth, plain transformers `generate`, the 7B-shaped model."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from launch.bench_stats import Stat
+
+
+@contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> Stat:
+    """Read a large fp32 array (larger than any cache) and time it.
+
+    fp32 on purpose: torch's bf16 .sum() runs at ~1 GB/s here and would measure the ALU, not memory.
+    """
+    x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
+    with threads(n_threads):
+        x.sum()  # warm: page faults and thread pool start
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            x.sum()
+            rates.append(x.numel() * 4 / (time.perf_counter() - t))
+    return Stat.of(rates)
+
+
+def param_bytes(model) -> tuple[int, int, bool]:
+    """(all parameter bytes, input-embedding bytes, tied?) — buffers excluded."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    return total, emb.numel() * emb.element_size(), tied
+
+
+@torch.inference_mode()
+def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[Stat, Stat]:
+    """(decode tokens/s, time to first token) of `generate`, greedy, batch = input_ids rows.
+
+    TTFT is a 1-token generate; decode speed is (N-1) tokens over the difference between an
+    N-token and a 1-token generate, so the prefill is not counted as decoding.
+    """
+    kw = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(input_ids)}
+    model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    ttfts, rates = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        tn = time.perf_counter() - t
+        ttfts.append(t1)
+        rates.append(input_ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9))
+    return Stat.of(rates), Stat.of(ttfts)
+
+
+# Qwen-7B(-Chat)'s dimensions; Qwen2's architecture has the same blocks (qkv bias, SwiGLU, RMSNorm).
+QWEN_7B_SHAPE = {
+    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 151936,
+    "max_position_embeddings": 8192, "tie_word_embeddings": False,
+}
+
+
+def build_shape_model(shape: str, dtype: torch.dtype = torch.bfloat16):
+    """A random-weight model with a real model's dimensions, allocated directly in `dtype`.
+
+    Built on the meta device then materialised empty in bf16: fp32 is never allocated
+    (a 7B model in fp32 needs 31 GB). Random normal weights: speed does not depend on values.
+    """
+    if shape != "qwen-7b":
+        raise ValueError(f"unknown shape {shape!r}; known: qwen-7b")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**QWEN_7B_SHAPE, torch_dtype=dtype)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are declared in bf16, so to_empty allocates bf16
+    try:
+        with torch.device("meta"):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    # Buffers (rotary inv_freq) were left empty by to_empty: rebuild that small module.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()

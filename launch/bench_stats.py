@@ -1,0 +1,146 @@
+"""Pure parts of the bench: repeat statistics, roofline arithmetic, the JSON report's shape."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median of repeated measurements with the noise shown as min..max."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat | None:
+        vals = [float(v) for v in values if v is not None]
+        if not vals:
+            return None
+        return cls(statistics.median(vals), min(vals), max(vals), len(vals))
+
+    def fmt(self, digits: int = 1) -> str:
+        if self.n == 1:
+            return f"{self.median:.{digits}f}"
+        return f"{self.median:.{digits}f} ({self.min:.{digits}f}-{self.max:.{digits}f})"
+
+
+def ratio(num: Stat | None, den: Stat | None) -> float | None:
+    if num is None or den is None or den.median <= 0:
+        return None
+    return num.median / den.median
+
+
+def weight_bytes_per_token(param_bytes: int, input_embedding_bytes: int, tied: bool) -> int:
+    """Bytes of weights one decode step reads.
+
+    Every matrix is read once per token, except the input embedding: a lookup reads one row.
+    With tied embeddings the same matrix is the LM head and is read in full anyway.
+    """
+    return param_bytes if tied else param_bytes - input_embedding_bytes
+
+
+def roofline_tokens_per_s(bandwidth_bytes_per_s: float, bytes_per_token: int) -> float:
+    return bandwidth_bytes_per_s / bytes_per_token if bytes_per_token > 0 else 0.0
+
+
+def scaling(aggregate: dict[int, Stat | None]) -> dict[str, float | None]:
+    """Aggregate tokens/s at N clients over the 1-client figure."""
+    base = aggregate.get(1)
+    return {str(n): ratio(s, base) for n, s in sorted(aggregate.items())}
+
+
+@dataclass
+class ModelReport:
+    name: str
+    worker: str
+    dtype: str
+    threads: int
+    weights_bytes: int
+    bytes_per_token: int
+    raw_decode_tps: Stat | None = None
+    raw_ttft_s: Stat | None = None
+    api_decode_tps: Stat | None = None
+    api_ttft_s: Stat | None = None
+    roofline_tps: float | None = None
+    concurrency_tps: dict[int, Stat | None] = field(default_factory=dict)
+    rss_bytes: int | None = None
+    shared_decode_tps: Stat | None = None  # while every other worker also decodes
+
+    @property
+    def api_vs_raw(self) -> float | None:
+        return ratio(self.api_decode_tps, self.raw_decode_tps)
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        if not self.roofline_tps or self.raw_decode_tps is None:
+            return None
+        return self.raw_decode_tps.median / self.roofline_tps
+
+    @property
+    def shared_fraction(self) -> float | None:
+        return ratio(self.shared_decode_tps, self.api_decode_tps)
+
+
+def _stat(s: Stat | None):
+    return asdict(s) if s is not None else None
+
+
+def report_json(models: list[ModelReport], machine: dict, up_time_s: float | None, settings: dict) -> dict:
+    out = {
+        "machine": machine,
+        "settings": settings,
+        "make_up_time_s": up_time_s,
+        "api_vs_raw_decode_ratio": {m.name: m.api_vs_raw for m in models},
+        "concurrency_scaling": {m.name: scaling(m.concurrency_tps) for m in models},
+        "roofline_fraction": {m.name: m.roofline_fraction for m in models},
+        "shared_cores_fraction_of_solo": {m.name: m.shared_fraction for m in models},
+        "models": {},
+    }
+    for m in models:
+        out["models"][m.name] = {
+            "worker": m.worker, "dtype": m.dtype, "threads": m.threads,
+            "weights_bytes": m.weights_bytes, "bytes_read_per_token": m.bytes_per_token,
+            "rss_bytes": m.rss_bytes,
+            "rss_over_weights": (m.rss_bytes / m.weights_bytes) if m.rss_bytes and m.weights_bytes else None,
+            "raw_decode_tokens_per_s": _stat(m.raw_decode_tps), "raw_ttft_s": _stat(m.raw_ttft_s),
+            "api_decode_tokens_per_s": _stat(m.api_decode_tps), "api_ttft_s": _stat(m.api_ttft_s),
+            "roofline_tokens_per_s": m.roofline_tps,
+            "aggregate_tokens_per_s": {str(n): _stat(s) for n, s in sorted(m.concurrency_tps.items())},
+            "shared_decode_tokens_per_s": _stat(m.shared_decode_tps),
+        }
+    return out
+
+
+def _f(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> str:
+    lines = [
+        f"memory bandwidth: {machine.get('bandwidth_gbs', 0):.1f} GB/s at {machine.get('bandwidth_threads')} thread(s) "
+        f"({machine.get('bandwidth_all_gbs', 0):.1f} GB/s at {machine.get('cores')})   make up: {_f(up_time_s, '{:.0f} s')}",
+    ]
+    for m in models:
+        sc = scaling(m.concurrency_tps)
+        lines += [
+            "",
+            f"{m.name}  [{m.worker} worker, {m.dtype}, {m.threads} thread(s), weights {m.weights_bytes / 1e6:.0f} MB, "
+            f"RSS {_f(m.rss_bytes and m.rss_bytes / 1e6, '{:.0f} MB')}]",
+            f"  raw generate   decode {m.raw_decode_tps.fmt() if m.raw_decode_tps else '-'} tok/s   "
+            f"TTFT {m.raw_ttft_s.fmt(3) if m.raw_ttft_s else '-'} s",
+            f"  API streaming  decode {m.api_decode_tps.fmt() if m.api_decode_tps else '-'} tok/s   "
+            f"TTFT {m.api_ttft_s.fmt(3) if m.api_ttft_s else '-'} s   API/raw {_f(m.api_vs_raw)}",
+            f"  roofline       {_f(m.roofline_tps, '{:.1f}')} tok/s ({m.bytes_per_token / 1e6:.0f} MB/token)   "
+            f"batch-1 fraction {_f(m.roofline_fraction)}",
+        ]
+        if m.concurrency_tps:
+            lines.append("  clients        " + "  ".join(
+                f"{n}: {s.fmt() if s else '-'} tok/s (x{_f(sc.get(str(n)))})" for n, s in sorted(m.concurrency_tps.items())))
+        if m.shared_decode_tps is not None:
+            lines.append(f"  all workers decoding at once: {m.shared_decode_tps.fmt()} tok/s = "
+                         f"{_f(m.shared_fraction)} of solo (target >= 0.40)")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The continuous-batching engine on the real SmolLM2: batched greedy output equals single-request output."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import load_config
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nList three prime numbers and explain why.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time",
+]
+
+
+def smollm2_path() -> Path:
+    override = os.environ.get("CPU_ARENA_TEST_SMOLLM2")
+    if override:
+        return Path(override)
+    cfg = load_config()
+    path = cfg.model_path(cfg.model("smollm2-135m"))
+    if not (path / "config.json").is_file():
+        pytest.fail(f"embedded model missing at {path}: run `make setup`")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import torch
+    from fastchat.model.model_adapter import load_model
+
+    from launch.batching.engine import BatchEngine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=torch.float32)
+    eng = BatchEngine(model.eval(), tok, max_batch=4, context_len=2048).start()
+    yield eng
+    eng.shutdown()
+
+
+def _submit(engine, prompt: str, n: int, **extra):
+    from launch.batching.params import GenParams
+
+    done, chunks = threading.Event(), []
+
+    def sink(c):
+        chunks.append(c)
+        if c.finish_reason or c.error:
+            done.set()
+
+    params = GenParams.from_fastchat({"prompt": prompt, "temperature": 0, "max_new_tokens": n, "echo": False,
+                                      **extra}, engine.tokenizer.eos_token_id)
+    return engine.submit(params, sink), done, chunks
+
+
+def test_batched_greedy_equals_single(engine):
+    n = 24
+    singles = []
+    for p in PROMPTS:
+        req, done, chunks = _submit(engine, p, n)
+        assert done.wait(120)
+        singles.append((list(req.output_ids), chunks[-1].text))
+    steps_before = engine.steps
+    running = []
+    for i, p in enumerate(PROMPTS):  # staggered: later requests join a batch that is already decoding
+        running.append(_submit(engine, p, n))
+        time.sleep(0.05 * i)
+    for (req, done, chunks), (ids, text) in zip(running, singles, strict=True):
+        assert done.wait(120)
+        assert req.output_ids == ids
+        assert chunks[-1].text == text
+        assert chunks[-1].error is None
+        assert chunks[-1].prompt_tokens == len(req.prompt_ids)
+        assert chunks[-1].completion_tokens == len(ids)
+        texts = [c.text for c in chunks]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))  # text only grows
+    # Batched: far fewer decode steps than the sum of the answers.
+    assert engine.steps - steps_before < sum(len(ids) for ids, _ in singles)
+
+
+def test_own_stop_and_length_per_request(engine):
+    short, d1, c1 = _submit(engine, PROMPTS[3], 3)
+    long_, d2, c2 = _submit(engine, PROMPTS[3], 12)
+    assert d1.wait(60) and d2.wait(60)
+    assert c1[-1].finish_reason == "length" and len(short.output_ids) == 3
+    assert long_.output_ids[:3] == short.output_ids
+    # A stop string taken from the greedy answer cuts it there.
+    word = c2[-1].text.split()[2]
+    _, d3, c3 = _submit(engine, PROMPTS[3], 12, stop=[word])
+    assert d3.wait(60)
+    assert c3[-1].finish_reason == "stop" and word not in c3[-1].text
+    assert c2[-1].text.startswith(c3[-1].text)
+
+
+def test_cancelled_request_leaves_the_batch(engine):
+    req, done, _ = _submit(engine, PROMPTS[0], 200)
+    time.sleep(0.5)
+    req.cancel()
+    deadline = time.monotonic() + 30
+    while engine.load() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.load() == 0 and len(req.output_ids) < 200

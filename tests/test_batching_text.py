@@ -1,0 +1,55 @@
+"""Incremental detokenization, stop strings and FastChat parameter parsing (a real tokenizer, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.batching.params import GenParams
+from launch.batching.text import IncrementalText, StopText, find_stop, partial_stop_len
+from tests.test_batching import smollm2_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+@pytest.mark.parametrize("text", ["Hello, world! It's 42.", "明明喜欢白色。你好，世界！", "naïve café — ok\n  x"])
+def test_incremental_text_equals_full_decode_and_never_streams_fffd(tokenizer, text):
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    inc = IncrementalText(tokenizer, prompt)
+    deltas = [inc.add(t) for t in ids] + [inc.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == inc.text == text
+
+
+def test_stop_text_cuts_and_holds_back_partial_stop():
+    st = StopText(("<|im_end|>", "STOP"))
+    st.extend("hello <|im")
+    assert st.visible() == "hello "  # "<|im" could still become "<|im_end|>"
+    st.extend("_en")
+    assert st.visible() == "hello "
+    st.extend("d|> more")
+    assert st.stopped and st.visible() == "hello "
+    st2 = StopText(("STOP",))
+    st2.extend("ST")
+    st2.extend("ay")
+    assert not st2.stopped and st2.visible() == "STay"
+
+
+def test_find_and_partial_stop():
+    assert find_stop("abc STOP x END", ("END", "STOP")) == 4
+    assert find_stop("abc", ("x",)) == -1
+    assert partial_stop_len("foo <|im_e", ("<|im_end|>",)) == 6
+    assert partial_stop_len("foo", ("<|im_end|>",)) == 0
+
+
+def test_gen_params_from_fastchat_defaults_and_eos():
+    p = GenParams.from_fastchat({"prompt": "x", "temperature": 0, "top_k": None, "max_new_tokens": 7,
+                                 "stop": "###", "stop_token_ids": [5], "echo": False}, eos_token_id=2)
+    assert p.greedy and p.top_k == -1 and p.max_new_tokens == 7 and not p.echo
+    assert p.stop == ("###",) and p.stop_token_ids == frozenset({2, 5})
+    assert GenParams.from_fastchat({"prompt": "x"}, None).echo  # FastChat's worker default
