@@ -46,7 +46,7 @@ download: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m evals run --config $(CONFIG)
-	$(PY) -m evals report latest
+	$(PY) -m evals report latest --config $(CONFIG)
 
 bench: $(STAMP)
 	$(PY) -m launch bench --config $(CONFIG)
