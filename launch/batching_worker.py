@@ -7,8 +7,11 @@ It speaks FastChat's worker protocol unchanged (register + heartbeat with the co
 /worker_get_conv_template, /model_details), so FastChat's API server and UI use it as they use
 the stock worker. Differences that matter: requests arriving while others decode join the
 running batch (launch/batching/engine.py), output text is built incrementally and streamed after
-every token, and the model and conversation template come from FastChat's adapters
-(`load_model`, `get_conversation_template`), which honour the project's worker_adapters.
+every token (chunks the HTTP side has not sent yet are merged: the text is cumulative), and the
+model, conversation template and generate function come from FastChat's adapters (`load_model`,
+`get_conversation_template`, `get_generate_stream_function`), which honour the project's
+worker_adapters. A model whose adapter brings its own generate function (ChatGLM3) is served
+one request at a time through that function (launch/batching/select.py).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import os
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from launch.batching.engine import BatchEngine, Chunk
+from launch.batching.engine import Chunk
 from launch.batching.params import GenParams
+from launch.batching.select import build_engine, plan_for
 
 app = FastAPI()
 worker: BatchingWorker | None = None
@@ -67,16 +71,19 @@ def _base_worker_class():
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.context_len = get_context_length(self.model.config)
             self.max_queue = args.limit_worker_concurrency
-            self.engine = BatchEngine(self.model, self.tokenizer, max_batch=args.max_batch,
-                                      context_len=self.context_len).start()
+            self.plan = plan_for(self.model, args.model_path)
+            print(f"batching worker: {self.plan.describe()}", flush=True)
+            self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=args.max_batch,
+                                       context_len=self.context_len).start()
             if not args.no_register:
                 self.init_heart_beat()
 
         def get_queue_length(self) -> int:
+            # Like FastChat's worker: requests running + waiting. The controller routes on it.
             return self.engine.load()
 
         def params(self, raw: dict) -> GenParams:
-            return GenParams.from_fastchat(raw, self.tokenizer.eos_token_id)
+            return GenParams.from_fastchat(raw, self.tokenizer.eos_token_id, self.plan.stop_ids)
 
     return BatchingWorker
 
@@ -91,7 +98,7 @@ async def _stream(params: GenParams):
     req = worker.engine.submit(params, lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
     try:
         while True:
-            c = await q.get()
+            c = latest(await q.get(), q)
             yield c
             if c.finish_reason is not None or c.error:
                 return
@@ -99,19 +106,34 @@ async def _stream(params: GenParams):
         req.cancel()
 
 
-def _overloaded() -> JSONResponse | None:
+def latest(c: Chunk, q: asyncio.Queue) -> Chunk:
+    """The newest chunk already queued: each carries the whole text so far, so when the HTTP side
+    falls behind the decode loop the older ones are redundant and sending them only costs time."""
+    while not q.empty() and c.finish_reason is None and not c.error:
+        c = q.get_nowait()
+    return c
+
+
+def _overloaded(stream: bool) -> Response | None:
+    """429 once max_queue requests are running or waiting (`--limit-worker-concurrency`, the
+    config's max_queue, the same bound the API guard applies per worker), for callers that come
+    straight to the worker (the UI). A stream answer is NUL-terminated like every stream chunk,
+    so FastChat's API server and UI relay its error_code instead of dropping it."""
     from fastchat.constants import ErrorCode
 
-    if worker.engine.load() >= worker.max_queue + worker.engine.max_batch:
-        return JSONResponse({"text": "worker overloaded, retry later", "error_code": int(ErrorCode.ENGINE_OVERLOADED)},
-                            status_code=429)
-    return None
+    if worker.engine.load() < worker.max_queue:
+        return None
+    body = {"text": f"worker overloaded ({worker.max_queue} requests queued), retry later",
+            "error_code": int(ErrorCode.ENGINE_OVERLOADED)}
+    if stream:
+        return Response(json.dumps(body).encode() + b"\0", status_code=429, headers={"Retry-After": "5"})
+    return JSONResponse(body, status_code=429, headers={"Retry-After": "5"})
 
 
 @app.post("/worker_generate_stream")
 async def api_generate_stream(request: Request):
     raw = await request.json()
-    if (busy := _overloaded()) is not None:
+    if (busy := _overloaded(stream=True)) is not None:
         return busy
     worker.call_ct += 1
     params = worker.params(raw)
@@ -126,7 +148,7 @@ async def api_generate_stream(request: Request):
 @app.post("/worker_generate")
 async def api_generate(request: Request):
     raw = await request.json()
-    if (busy := _overloaded()) is not None:
+    if (busy := _overloaded(stream=False)) is not None:
         return busy
     worker.call_ct += 1
     last = None

@@ -31,18 +31,32 @@ CLIENTS = (1, 2, 4, 8)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m launch bench", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, default=None, help="write the JSON report here (default run/bench/<time>.json)")
-    p.add_argument("--quick", action="store_true", help="fewer tokens and one repeat (a smoke run)")
+    p = argparse.ArgumentParser(
+        prog="python -m launch bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n", 1)[1].strip(),
+        epilog="Examples:\n"
+               "  python -m launch bench                       # every configured model (~6-8 min on 2 quiet cores)\n"
+               "  python -m launch bench --quick --models smollm2-135m          # smoke run, ~3 min\n"
+               "  python -m launch bench --quick --models smollm2-135m --worker fastchat   # the stock worker\n"
+               "  python -m launch bench --shape qwen-7b       # 7B-shaped bf16 model, no download, ~16 GB RAM\n"
+               "The machine should be quiet: other processes on the cores skew every number (see the load\n"
+               "average in the report).")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the JSON report here (default run/bench/bench-<time>.json; the plot next to it)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 16 tokens, 1 repeat, 1 and 2 clients (default: 48 tokens, 3 repeats, 1,2,4,8)")
     p.add_argument("--worker", choices=("batching", "fastchat"), default=None,
-                   help="override every model's worker in the stack the bench starts")
-    p.add_argument("--models", default=None, help="comma-separated subset of the configured models")
+                   help="serve every model with this worker in a stack the bench starts (default: as configured)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated subset of the configured models (default: all)")
     p.add_argument("--shape", choices=("qwen-7b",), default=None,
                    help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--clients", default=None, help="client counts, e.g. 1,2,4,8")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement (default 48, quick 16)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
+    p.add_argument("--clients", default=None,
+                   help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p.parse_args(argv)
 
 
@@ -253,6 +267,7 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
     bw_threads = stack_cfg.threads(stack_cfg.model(names[0]))
     bw = bandwidth_bytes_per_s(bw_threads, repeats=repeats + 2)
     bw_all = bandwidth_bytes_per_s(cpu_count(), repeats=repeats + 2)
+    load_start = os.getloadavg()
     machine = {"cores": cpu_count(), "bandwidth_gbs": bw.median / 1e9, "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9],
                "bandwidth_threads": bw_threads, "bandwidth_all_gbs": bw_all.median / 1e9, "torch": torch.__version__}
     for name in names:
@@ -282,11 +297,15 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
         shared = shared_decode(api, [(n, tokenizers[n]) for n in names], tokens, repeats, headers)
         for r in reports:
             r.shared_decode_tps = shared.get(r.name)
+    # Other processes on the same cores skew every number: keep the load next to them.
+    machine["loadavg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     settings = {"tokens": tokens, "repeats": repeats, "clients": list(clients), "config": str(cfg.source),
                 "stack_config": str(stack_cfg.source)}
     out = report_json(reports, machine, up_time, settings)
     print()
     print(table(reports, machine, up_time))
+    print(f"load average (1 min): {load_start[0]:.2f} at start, {machine['loadavg_1min']['end']:.2f} at end "
+          f"on {cpu_count()} cores")
     path = _write_json(args, out)
     if not args.no_plot:
         plot(reports, path.with_suffix(".png"))

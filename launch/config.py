@@ -82,7 +82,7 @@ class ModelConfig(_Strict):
     threads: int | Literal["auto"] = "auto"
     trust_remote_code: bool = False
     # "batching": the project's continuous-batching worker; "fastchat": stock model_worker.
-    worker: Literal["batching", "fastchat"] = "fastchat"
+    worker: Literal["batching", "fastchat"] = "batching"
     port: int | None = Field(None, ge=1, le=65535)
     # Requests waiting beyond this answer 429 instead of queueing without bound.
     max_queue: int = Field(16, ge=1)

@@ -9,8 +9,8 @@ import torch
 from fastchat.model import model_adapter as ma
 
 import worker_adapters
-from tests.fixtures.checkpoints import make_chat_template_model, make_chatglm3, make_qwen, write_arena_config
 from launch.fastchat_patches import adapter_dispatch as hooks
+from tests.fixtures.checkpoints import make_chat_template_model, make_chatglm3, make_qwen, write_arena_config
 from worker_adapters.chat_template import CONV_NAME, ChatTemplateAdapter
 from worker_adapters.chatglm3 import ChatGLM3Adapter, build_input_ids, generate_stream_chatglm3
 from worker_adapters.policy import RemoteCodeNotAllowed

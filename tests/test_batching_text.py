@@ -53,3 +53,49 @@ def test_gen_params_from_fastchat_defaults_and_eos():
     assert p.greedy and p.top_k == -1 and p.max_new_tokens == 7 and not p.echo
     assert p.stop == ("###",) and p.stop_token_ids == frozenset({2, 5})
     assert GenParams.from_fastchat({"prompt": "x"}, None).echo  # FastChat's worker default
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts the token ids it decodes."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+def test_streaming_text_costs_constant_decode_work_per_token(tokenizer):
+    """FastChat's worker re-decodes the whole output every stream_interval tokens (quadratic in the
+    answer's length, the per-token cost grows as it goes). Here each token decodes a few ids."""
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) >= 300
+    counting = CountingTokenizer(tokenizer)
+    inc = IncrementalText(counting, tokenizer("Say:").input_ids)
+    for t in ids:
+        inc.add(t)
+    assert inc.text + inc.flush() == text
+    # A full re-decode per token would be ~len(ids)**2 / 2 ids (45,000 here).
+    assert counting.decoded < 20 * len(ids)
+
+
+def test_slow_reader_gets_the_newest_cumulative_chunk_not_every_one():
+    import asyncio
+
+    from launch.batching.engine import Chunk
+    from launch.batching_worker import latest
+
+    async def run():
+        q: asyncio.Queue = asyncio.Queue()
+        for i in range(1, 6):
+            q.put_nowait(Chunk("x" * i, 3, i))
+        first = latest(Chunk("", 3, 0), q)
+        q.put_nowait(Chunk("x" * 6, 3, 6, finish_reason="stop"))
+        q.put_nowait(Chunk("never", 3, 6))  # nothing after a final chunk is merged into it
+        return first, latest(await q.get(), q)
+
+    first, final = asyncio.run(run())
+    assert first.text == "xxxxx" and first.completion_tokens == 5  # four stale chunks skipped
+    assert final.finish_reason == "stop" and final.text == "xxxxxx"

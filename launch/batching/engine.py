@@ -71,6 +71,8 @@ class BatchEngine:
         self.max_batch = max_batch
         self.context_len = context_len
         self.incoming: queue.Queue[Request] = queue.Queue()
+        # Taken off `incoming` by the loop but not yet admitted (the batch is full).
+        self.waiting: list[Request] = []
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.steps = 0
@@ -100,13 +102,13 @@ class BatchEngine:
         return req
 
     def load(self) -> int:
-        """Requests running or waiting (reported to the controller as queue length)."""
-        return len(self.rows) + self.incoming.qsize()
+        """Requests running or waiting: the queue_length FastChat's worker reports (running + waiting)."""
+        return len(self.rows) + len(self.waiting) + self.incoming.qsize()
 
     # ---- engine thread ----
     def _loop(self) -> None:
         torch.set_num_threads(self._threads)
-        waiting: list[Request] = []
+        waiting = self.waiting
         while not self._stop.is_set():
             try:
                 block = not self.rows and not waiting
@@ -123,7 +125,8 @@ class BatchEngine:
             try:
                 with torch.inference_mode():
                     while waiting and len(self.rows) < self.max_batch:
-                        self._admit(waiting.pop(0))
+                        self._admit(waiting[0])  # counted as waiting until it is a row
+                        waiting.pop(0)
                     if self.rows:
                         self._step()
             except Exception as e:  # never let one bad batch kill the worker
@@ -140,7 +143,7 @@ class BatchEngine:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long)
         # Only the last position's logits are needed: skips a [prompt x vocab] matmul.
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = choose_token(out.logits[0, -1], req.params, req.prompt_ids)
+        token = choose_token(out.logits[0, -1], req.params, _history(req))
         row = _Row(req=req, length=len(req.prompt_ids), last_token=token)
         if self._accept(row, token):
             self._join(row, out.past_key_values)
@@ -159,10 +162,13 @@ class BatchEngine:
         self.cache = out.past_key_values
         self.steps += 1
         logits = out.logits[:, -1, :]
+        # Greedy rows: one argmax over the whole batch instead of one call per row.
+        greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, r in enumerate(self.rows):
             r.length += 1
-            token = choose_token(logits[i], r.req.params, r.req.prompt_ids + r.req.output_ids)
+            p = r.req.params
+            token = greedy[i] if p.greedy else choose_token(logits[i], p, _history(r.req))
             r.last_token = token
             if self._accept(r, token):
                 keep.append(i)
@@ -234,6 +240,11 @@ class BatchEngine:
         idx = torch.tensor(keep, dtype=torch.long)
         layers = tuple((k[idx, :, trim:, :], v[idx, :, trim:, :]) for k, v in self.cache.to_legacy_cache())
         self.cache = DynamicCache.from_legacy_cache(layers)
+
+
+def _history(req: Request) -> list[int]:
+    # Only the repetition penalty reads the history (prompt + output, as FastChat's generate_stream).
+    return req.prompt_ids + req.output_ids if req.params.repetition_penalty > 1.0 else []
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,11 +26,13 @@ class GenParams:
         return self.temperature < 1e-5 or self.top_p < 1e-8
 
     @classmethod
-    def from_fastchat(cls, p: dict, eos_token_id: int | None) -> GenParams:
+    def from_fastchat(cls, p: dict, eos_token_id: int | None, model_stop_ids: Iterable[int] = ()) -> GenParams:
+        """`model_stop_ids`: the adapter's own end-of-turn ids, which apply even when a direct
+        /worker_generate call sends none (as worker_adapters.common.with_stop_ids does)."""
         stop = p.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
-        stop_ids = set(p.get("stop_token_ids") or ())
+        stop_ids = set(p.get("stop_token_ids") or ()) | {int(i) for i in model_stop_ids}
         if eos_token_id is not None:
             stop_ids.add(int(eos_token_id))
 
@@ -49,6 +52,12 @@ class GenParams:
             stop=tuple(s for s in stop if s),
             stop_token_ids=frozenset(int(t) for t in stop_ids),
         )
+
+    def to_fastchat(self) -> dict:
+        """Back to the dict a FastChat generate_stream function takes (the serial path)."""
+        return {"prompt": self.prompt, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens,
+                "echo": self.echo, "stop": list(self.stop), "stop_token_ids": sorted(self.stop_token_ids)}
 
 
 def choose_token(logits: torch.Tensor, params: GenParams, output_ids: list[int],
