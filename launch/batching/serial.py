@@ -1,0 +1,113 @@
+"""One request at a time through a model's own FastChat generate function (no batching).
+
+Some adapters generate in their own way: ChatGLM3 builds its input ids from the prompt with
+`build_chat_input` and stops on its role tokens (worker_adapters/chatglm3.py), and stock FastChat
+has its own functions for ChatGLM, Falcon, CodeT5+... The batching engine tokenizes the prompt
+and drives a plain causal-LM forward, which would be wrong for them. The batching worker routes
+such models here (launch/batching/select.py): the same worker protocol and queue accounting,
+the adapter's generate function run to completion one request after another, like FastChat's
+stock worker does.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from launch.batching.engine import Chunk
+from launch.batching.params import GenParams
+
+log = logging.getLogger("batching")
+
+
+@dataclass
+class SerialRequest:
+    params: GenParams
+    sink: Callable[[Chunk], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SerialEngine:
+    """Same interface as BatchEngine (submit/load/start/shutdown), max_batch 1."""
+
+    max_batch = 1
+
+    def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048):
+        self.model, self.tokenizer, self.generate = model, tokenizer, generate
+        self.context_len = context_len
+        self.incoming: queue.Queue[SerialRequest | None] = queue.Queue()
+        self.running = 0
+        self.steps = 0  # chunks produced (diagnostics)
+        self._thread: threading.Thread | None = None
+        self._threads = torch.get_num_threads()
+
+    def start(self) -> SerialEngine:
+        self._thread = threading.Thread(target=self._loop, name="serial-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.incoming.put(None)
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def submit(self, params: GenParams, sink: Callable[[Chunk], None]) -> SerialRequest:
+        req = SerialRequest(params, sink)
+        self.incoming.put(req)
+        return req
+
+    def load(self) -> int:
+        return self.running + self.incoming.qsize()
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
+        while (req := self.incoming.get()) is not None:
+            if req.cancelled:
+                continue
+            self.running = 1
+            try:
+                self._run(req)
+            except Exception as e:  # reported to this request only; the worker keeps serving
+                log.exception("generation failed")
+                _deliver(req, Chunk("", 0, 0, None, f"{type(e).__name__}: {e}"))
+            finally:
+                self.running = 0
+
+    def _run(self, req: SerialRequest) -> None:
+        gen = self.generate(self.model, self.tokenizer, req.params.to_fastchat(), "cpu", self.context_len)
+        last = None
+        try:
+            for out in gen:
+                self.steps += 1
+                last = _to_chunk(out)
+                if req.cancelled:
+                    return
+                if last.finish_reason is None:
+                    _deliver(req, last)
+        finally:
+            gen.close()
+        if last is None:
+            last = Chunk("", 0, 0, "stop")
+        # FastChat's generate functions may end on a chunk without finish_reason; the stream needs one.
+        _deliver(req, Chunk(last.text, last.prompt_tokens, last.completion_tokens, last.finish_reason or "stop"))
+
+
+def _to_chunk(out: dict) -> Chunk:
+    usage = out.get("usage") or {}
+    return Chunk(out.get("text", ""), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)),
+                 out.get("finish_reason"))
+
+
+def _deliver(req: SerialRequest, c: Chunk) -> None:
+    try:
+        req.sink(c)
+    except Exception:  # a closed client must not stop the engine
+        req.cancel()

@@ -1,0 +1,116 @@
+"""Which engine the batching worker uses per model, and the serial engine for adapters with their
+own generate function (ChatGLM3: fixture checkpoint with scripted remote code, no real weights)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import worker_adapters
+from launch.batching.params import GenParams
+from launch.batching.select import build_engine, plan_for
+from launch.fastchat_patches import adapter_dispatch as hooks
+from tests.fixtures.checkpoints import make_chat_template_model, make_chatglm3, write_arena_config
+
+USER = 64795
+
+
+def glm_ids(text: str) -> list[int]:  # the fixture ChatGLM tokenizer is character-level: ord + 3
+    return [ord(c) + 3 for c in text]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "glm": make_chatglm3(root / "glm", script=glm_ids("Hi") + [USER] + glm_ids("fake turn")),
+        "smol": make_chat_template_model(root / "smol"),
+    }
+
+
+@pytest.fixture
+def arena(ckpts, tmp_path, monkeypatch):
+    cfg = write_arena_config(tmp_path / "arena.toml", [
+        {"name": "glm", "path": str(ckpts["glm"]), "dtype": "float32", "trust_remote_code": True},
+        {"name": "smol", "path": str(ckpts["smol"]), "dtype": "float32"},
+    ])
+    monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
+    monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
+    worker_adapters.register_adapters()
+    hooks.clear_caches()
+    yield cfg
+    hooks.clear_caches()
+
+
+def _load(path):
+    from fastchat.model.model_adapter import load_model
+
+    model, tok = load_model(str(path), device="cpu", num_gpus=1, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def _run(engine, params: GenParams, timeout: float = 60):
+    done, chunks = threading.Event(), []
+
+    def sink(c):
+        chunks.append(c)
+        if c.finish_reason or c.error:
+            done.set()
+
+    engine.submit(params, sink)
+    assert done.wait(timeout)
+    return chunks
+
+
+def test_chatglm3_is_served_by_its_own_generate_function(ckpts, arena):
+    from worker_adapters.chatglm3 import generate_stream_chatglm3
+
+    model, tok = _load(ckpts["glm"])
+    plan = plan_for(model, str(ckpts["glm"]))
+    assert plan.kind == "serial" and plan.generate is generate_stream_chatglm3
+    engine = build_engine(plan, model, tok, max_batch=8, context_len=8192).start()
+    try:
+        params = GenParams.from_fastchat({"prompt": "<|user|>\nhello<|assistant|>", "temperature": 0,
+                                          "max_new_tokens": 20, "echo": False}, tok.eos_token_id, plan.stop_ids)
+        chunks = _run(engine, params)
+        # Stopped on <|user|> by ChatGLM3's own function: the scripted fake turn never shows.
+        assert chunks[-1].text == "Hi" and chunks[-1].finish_reason == "stop" and chunks[-1].error is None
+        assert chunks[-1].completion_tokens == 2
+        assert all("<|user|>" not in c.text and "fake" not in c.text for c in chunks)
+        assert engine.load() == 0
+    finally:
+        engine.shutdown()
+
+
+def test_chat_template_model_is_batched_with_the_adapters_stop_ids(ckpts, arena):
+    model, tok = _load(ckpts["smol"])
+    plan = plan_for(model, str(ckpts["smol"]))
+    assert plan.kind == "batching"
+    assert 2 in plan.stop_ids  # <|im_end|>, from generation_config and the template
+    # A direct /worker_generate call that sends no stop ids still stops on the model's own.
+    params = GenParams.from_fastchat({"prompt": "hi", "stop_token_ids": []}, None, plan.stop_ids)
+    assert set(plan.stop_ids) <= params.stop_token_ids
+
+
+def test_serial_engine_equals_batching_engine_on_plain_generate_stream(ckpts, arena):
+    """The serial path is FastChat's own loop: for a plain model it must agree with the batch engine."""
+    from fastchat.serve.inference import generate_stream
+
+    from launch.batching.select import EnginePlan
+
+    model, tok = _load(ckpts["smol"])
+    prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
+    raw = {"prompt": prompt, "temperature": 0, "max_new_tokens": 12, "echo": False, "stop_token_ids": []}
+    texts = []
+    for plan in (EnginePlan("serial", generate_stream), EnginePlan("batching", generate_stream)):
+        engine = build_engine(plan, model, tok, max_batch=4, context_len=512).start()
+        try:
+            texts.append(_run(engine, GenParams.from_fastchat(raw, tok.eos_token_id))[-1])
+        finally:
+            engine.shutdown()
+    serial, batched = texts
+    assert serial.text.strip() == batched.text.strip() and serial.text.strip()
+    assert serial.finish_reason == batched.finish_reason == "length"
+    # (FastChat's generate_stream counts max_new_tokens - 1 on a length stop; the batch engine counts them all.)
+    assert batched.completion_tokens == 12
