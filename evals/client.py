@@ -105,26 +105,29 @@ def stream_answer(
     usage_tokens: int | None = None
     t0 = time.perf_counter()
     try:
-        stream = client.chat.completions.create(
+        # Close the stream explicitly (also on `break`): an abandoned stream is closed later by the
+        # garbage collector, which can run while httpcore holds its pool lock in another request of
+        # this thread and deadlock on it (seen in CI: the run hung in PoolByteStream.close).
+        with client.chat.completions.create(
             model=model, messages=messages, temperature=temperature, max_tokens=max_tokens, stream=True,
             stream_options={"include_usage": True},
-        )
-        for chunk in stream:
-            extra = chunk.model_extra or {}
-            if extra.get("error_code"):
-                # FastChat reports a worker error as a chunk {"text": ..., "error_code": N}, not as HTTP.
-                ans.error = f"server error_code {extra['error_code']}: {extra.get('text', '')}".strip()
-                break
-            if chunk.usage is not None and chunk.usage.completion_tokens is not None:
-                usage_tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices:
-                delta = choice.delta.content if choice.delta else None
-                if delta:
-                    if ans.ttft_s is None:
-                        ans.ttft_s = time.perf_counter() - t0
-                    parts.append(delta)
-                if choice.finish_reason:
-                    ans.finish_reason = choice.finish_reason
+        ) as stream:
+            for chunk in stream:
+                extra = chunk.model_extra or {}
+                if extra.get("error_code"):
+                    # FastChat reports a worker error as a chunk {"text": ..., "error_code": N}, not as HTTP.
+                    ans.error = f"server error_code {extra['error_code']}: {extra.get('text', '')}".strip()
+                    break
+                if chunk.usage is not None and chunk.usage.completion_tokens is not None:
+                    usage_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    delta = choice.delta.content if choice.delta else None
+                    if delta:
+                        if ans.ttft_s is None:
+                            ans.ttft_s = time.perf_counter() - t0
+                        parts.append(delta)
+                    if choice.finish_reason:
+                        ans.finish_reason = choice.finish_reason
     except Exception as e:  # noqa: BLE001 - any failure is a recorded result, the run goes on
         ans.error = f"{type(e).__name__}: {e}"
     ans.total_s = time.perf_counter() - t0
