@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from launch.bench_stats import ModelReport, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
-from launch.config import REPO_ROOT, ArenaConfig, load_config
+from launch.config import REPO_ROOT, ArenaConfig, load_config, write_config
 from launch.hardware import cpu_count, resolve_dtype
 from launch.state import is_ours, read_state
 
@@ -83,21 +83,7 @@ def _bench_config(cfg: ArenaConfig, models: list[str], worker: str | None, run_d
             m["worker"] = worker
         entries.append(m)
 
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))
-
-    lines = ["[server]"] + [f"{k} = {val(v)}" for k, v in server.items()]
-    for m in entries:
-        lines += ["", "[[models]]"] + [f"{k} = {val(v)}" for k, v in m.items()]
-    path = run_dir.parent / "bench.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(run_dir.parent / "bench.toml", server, entries)
 
 
 def _launch(config: Path, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:

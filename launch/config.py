@@ -6,6 +6,7 @@ Errors name the field and the fix, and are raised before anything starts.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -226,3 +227,22 @@ def load_config(path: str | Path | None = None) -> ArenaConfig:
         return ArenaConfig(**raw, source=path)
     except ValidationError as e:
         raise ConfigError(_format_errors(path, e)) from None
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def write_config(path: Path, server: dict, models: list[dict]) -> Path:
+    """Write a config file (for derived configs: the bench's and the tests' stacks on free ports)."""
+    lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in server.items()]
+    for m in models:
+        lines += ["", "[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in m.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -10,31 +10,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config
+from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config, write_config
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, server: dict, models: list[dict]) -> Path:
-    lines = ["[server]"] + [f"{k} = {_toml_value(v)}" for k, v in server.items()]
-    for m in models:
-        lines += ["", "[[models]]"] + [f"{k} = {_toml_value(v)}" for k, v in m.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
