@@ -25,6 +25,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from launch.batching.cores import lease_from_env
 from launch.batching.engine import Chunk
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
@@ -67,14 +68,23 @@ def _base_worker_class():
                 args.model_path, device="cpu", num_gpus=1, dtype=str_to_torch_dtype(args.dtype),
             )
             self.model.eval()
+            if args.prepack:
+                from launch.batching.kernels import prepack_linears
+
+                print(f"batching worker: {prepack_linears(self.model)} linear layers on oneDNN packed weights",
+                      flush=True)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.context_len = get_context_length(self.model.config)
             self.max_queue = args.limit_worker_concurrency
             self.plan = plan_for(self.model, args.model_path)
             print(f"batching worker: {self.plan.describe()}", flush=True)
+            lease = lease_from_env()
+            if lease:
+                print(f"batching worker: sharing {lease.cores} cores with the stack's other workers "
+                      f"(slot {lease.slot})", flush=True)
             self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=args.max_batch,
-                                       context_len=self.context_len).start()
+                                       context_len=self.context_len, lease=lease).start()
             if not args.no_register:
                 self.init_heart_beat()
 
@@ -191,25 +201,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-worker-concurrency", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=None,
                    help="rows decoded together (default: the model's max_batch in the config, else 8)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="linear layers on oneDNN prepacked weights (default: the model's prepack_weights, "
+                        "else yes; launch/batching/kernels.py)")
     p.add_argument("--no-register", action="store_true")
     # Accept (and ignore) the stock worker's other options so the command lines are interchangeable.
     args, _unknown = p.parse_known_args(argv)
+    model = _configured_model()
     if args.max_batch is None:
-        args.max_batch = _configured_max_batch()
+        args.max_batch = model.max_batch if model else 8
+    if args.prepack is None:
+        args.prepack = model.prepack_weights if model else True
     return args
 
 
-def _configured_max_batch() -> int:
-    # The launcher passes the config file and model name in the environment (launch/services.py).
+def _configured_model():
+    """This worker's entry in the config; the launcher passes file and name in the environment."""
     name, path = os.environ.get("CPU_ARENA_MODEL"), os.environ.get("CPU_ARENA_CONFIG")
     if name and path:
         try:
             from launch.config import load_config
 
-            return load_config(path).model(name).max_batch
+            return load_config(path).model(name)
         except Exception:
             pass
-    return 8
+    return None
 
 
 def create_worker(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:

@@ -88,6 +88,8 @@ class ModelConfig(_Strict):
     # Requests waiting beyond this answer 429 instead of queueing without bound.
     max_queue: int = Field(16, ge=1)
     max_batch: int = Field(8, ge=1)
+    # Batching worker: linear layers on oneDNN prepacked weights (launch/batching/kernels.py).
+    prepack_weights: bool = True
     # Conversation template override; normally the adapter detects it from the checkpoint.
     conv_template: str | None = None
     # ModelScope id for `make download`, e.g. "ZhipuAI/chatglm3-6b".
@@ -157,10 +159,22 @@ class ArenaConfig(_Strict):
         raise KeyError(name)
 
     def threads(self, model: ModelConfig) -> int:
+        """The most torch threads this model's worker uses."""
         if model.threads != "auto":
             return model.threads
-        # Workers share the cores: N workers x all cores each oversubscribes and crawls (STACK.md).
-        return max(1, (os.cpu_count() or 1) // len(self.models))
+        cores = os.cpu_count() or 1
+        if self.shares_cores():
+            return cores  # leased step by step: all of them while the other workers are idle
+        # A static split: N workers x all cores each oversubscribes and crawls (STACK.md).
+        return max(1, cores // len(self.models))
+
+    def shares_cores(self) -> bool:
+        """Workers divide the cores between the busy ones at each step (launch/batching/cores.py).
+
+        Only when every worker takes part: a stock FastChat worker, or one with fixed threads,
+        cannot give cores back, so then every worker gets a static split instead.
+        """
+        return len(self.models) > 1 and all(m.worker == "batching" and m.threads == "auto" for m in self.models)
 
     def controller_url(self) -> str:
         return f"http://{_url_host(self.server.internal_host())}:{self.server.controller_port}"

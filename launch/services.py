@@ -65,10 +65,14 @@ def worker_env(cfg: ArenaConfig, model: ModelConfig) -> dict[str, str]:
         "MKL_NUM_THREADS": threads,
         "CPU_ARENA_MODEL": model.name,
     }
-    # OpenMP's busy-wait makes a worker 28x slower when another process holds a core (STACK.md);
-    # passive waiting costs a little on a quiet machine but never collapses.
-    total = cfg.threads(model) * len(cfg.models)
-    if total > 1 and len(cfg.models) > 1:
+    if cfg.shares_cores():
+        # Each step takes cores // busy workers threads, so threads never outnumber cores and
+        # OpenMP's default (spin, then sleep) is the fast choice.
+        env["CPU_ARENA_CORE_LEASE"] = str(cfg.run_dir() / "cores.lease")
+        env["CPU_ARENA_CORE_SLOT"] = str(cfg.models.index(model))
+    elif cfg.threads(model) * len(cfg.models) > 1 and len(cfg.models) > 1:
+        # OpenMP's busy-wait makes a worker 28x slower when another process holds a core (STACK.md);
+        # passive waiting costs a little on a quiet machine but never collapses.
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 

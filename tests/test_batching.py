@@ -38,8 +38,11 @@ def engine():
     from launch.batching.engine import BatchEngine
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    from launch.batching.kernels import prepack_linears
+
     model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=torch.float32)
-    eng = BatchEngine(model.eval(), tok, max_batch=4, context_len=2048).start()
+    prepack_linears(model.eval())  # as the worker serves it by default
+    eng = BatchEngine(model, tok, max_batch=4, context_len=2048).start()
     yield eng
     eng.shutdown()
 

@@ -108,9 +108,37 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 
 
 def test_auto_threads_split_the_cores(tmp_path, monkeypatch):
+    """A stock FastChat worker cannot give cores back, so with one in the stack the split is static."""
+    from launch.services import worker_env
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    cfg = load_config(_cfg(tmp_path, models=[GOOD_MODEL, {**GOOD_MODEL, "name": "m2", "worker": "fastchat"}]))
+    assert not cfg.shares_cores()
+    assert [cfg.threads(m) for m in cfg.models] == [2, 2]
+    env = worker_env(cfg, cfg.models[0])
+    assert env["OMP_NUM_THREADS"] == "2" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "CPU_ARENA_CORE_LEASE" not in env
+
+
+def test_batching_workers_lease_the_cores(tmp_path, monkeypatch):
+    """Every worker may use all cores; the lease file splits them between the busy ones."""
+    from launch.services import worker_env
+
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     cfg = load_config(_cfg(tmp_path, models=[GOOD_MODEL, {**GOOD_MODEL, "name": "m2"}]))
-    assert [cfg.threads(m) for m in cfg.models] == [2, 2]
+    assert cfg.shares_cores()
+    assert [cfg.threads(m) for m in cfg.models] == [4, 4]
+    envs = [worker_env(cfg, m) for m in cfg.models]
+    assert [e["CPU_ARENA_CORE_SLOT"] for e in envs] == ["0", "1"]
+    assert {e["CPU_ARENA_CORE_LEASE"] for e in envs} == {str(cfg.run_dir() / "cores.lease")}
+    assert all("OMP_WAIT_POLICY" not in e for e in envs)  # never more threads than cores: spinning is safe
+
+
+def test_fixed_threads_turn_the_lease_off(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    cfg = load_config(_cfg(tmp_path, models=[GOOD_MODEL, {**GOOD_MODEL, "name": "m2", "threads": 3}]))
+    assert not cfg.shares_cores()
+    assert [cfg.threads(m) for m in cfg.models] == [2, 3]
 
 
 def test_cli_reports_config_errors_with_exit_2(tmp_path, capsys):

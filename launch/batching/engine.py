@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from launch.batching.cores import CoreLease
 from launch.batching.params import GenParams, choose_token
 from launch.batching.text import IncrementalText, StopText
 
@@ -65,8 +66,10 @@ class _Row:
 
 
 class BatchEngine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
+                 lease: CoreLease | None = None):
         self.model = model
+        self.lease = lease
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.context_len = context_len
@@ -112,6 +115,8 @@ class BatchEngine:
         while not self._stop.is_set():
             try:
                 block = not self.rows and not waiting
+                if block and self.lease:
+                    self.lease.release()  # idle: the other workers may use our cores
                 while True:
                     item = self.incoming.get(block=block)
                     block = False
@@ -125,15 +130,21 @@ class BatchEngine:
             try:
                 with torch.inference_mode():
                     while waiting and len(self.rows) < self.max_batch:
+                        self._claim()
                         self._admit(waiting[0])  # counted as waiting until it is a row
                         waiting.pop(0)
                     if self.rows:
+                        self._claim()
                         self._step()
             except Exception as e:  # never let one bad batch kill the worker
                 log.exception("batch step failed")
                 for row in self.rows:
                     self._finish(row.req, None, error=f"{type(e).__name__}: {e}")
                 self.rows, self.cache = [], None
+
+    def _claim(self) -> None:
+        if self.lease:
+            self.lease.claim()
 
     def _admit(self, req: Request) -> None:
         if req.cancelled:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from launch.batching.cores import CoreLease
 from launch.batching.engine import Chunk
 from launch.batching.params import GenParams
 
@@ -40,8 +41,10 @@ class SerialEngine:
 
     max_batch = 1
 
-    def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048):
+    def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048,
+                 lease: CoreLease | None = None):
         self.model, self.tokenizer, self.generate = model, tokenizer, generate
+        self.lease = lease
         self.context_len = context_len
         self.incoming: queue.Queue[SerialRequest | None] = queue.Queue()
         self.running = 0
@@ -69,7 +72,11 @@ class SerialEngine:
 
     def _loop(self) -> None:
         torch.set_num_threads(self._threads)
-        while (req := self.incoming.get()) is not None:
+        while True:
+            if self.lease and self.incoming.empty():
+                self.lease.release()  # idle: the other workers may use our cores
+            if (req := self.incoming.get()) is None:
+                break
             if req.cancelled:
                 continue
             self.running = 1
@@ -85,7 +92,12 @@ class SerialEngine:
         gen = self.generate(self.model, self.tokenizer, req.params.to_fastchat(), "cpu", self.context_len)
         last = None
         try:
-            for out in gen:
+            while True:
+                if self.lease:  # the generator runs a forward pass on this thread at each next()
+                    self.lease.claim()
+                out = next(gen, None)
+                if out is None:
+                    break
                 self.steps += 1
                 last = _to_chunk(out)
                 if req.cancelled:
