@@ -15,6 +15,9 @@ the plain tensor and the packed copy is extra.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 
 import torch
@@ -67,4 +70,17 @@ def prepack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == dtype:
                 setattr(parent, name, PackedLinear(child))
                 n += 1
+    _give_back_freed_memory()
     return n
+
+
+def _give_back_freed_memory() -> None:
+    # The plain weights are freed now, but glibc keeps freed heap pages in its arenas: without a
+    # trim the worker's RSS stays at plain + packed (SmolLM2: 1.42 GB instead of 1.00 GB).
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
