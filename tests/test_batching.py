@@ -109,3 +109,66 @@ def test_cancelled_request_leaves_the_batch(engine):
     while engine.load() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.load() == 0 and len(req.output_ids) < 200
+
+
+def test_requests_arriving_together_are_prefilled_together(engine):
+    """Prompts of different lengths in one left-padded, masked prefill pass give the single-request answers."""
+    from launch.batching.engine import BatchEngine
+
+    prompts = PROMPTS[:3]  # 18-22 tokens: padding within PAD_WASTE, so one group
+    n = 16
+    singles = []
+    for p in prompts:
+        req, done, _ = _submit(engine, p, n)
+        assert done.wait(120)
+        singles.append(list(req.output_ids))
+    lengths = [len(engine.tokenizer(p).input_ids) for p in prompts]
+    assert len(set(lengths)) > 1  # really padded
+    # A second engine on the same (now idle) model, started only once all three wait: one group.
+    together = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048)
+    admitted = []
+    real_admit = together._admit
+    together._admit = lambda group: (admitted.append(len(group)), real_admit(group))
+    running = [_submit(together, p, n) for p in prompts]
+    together.start()
+    try:
+        for (req, done, chunks), want in zip(running, singles, strict=True):
+            assert done.wait(120)
+            assert chunks[-1].error is None
+            assert req.output_ids == want
+    finally:
+        together.shutdown()
+    assert admitted == [3]
+
+
+def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
+    """The left-padded inputs reproduce every prompt's single-request next-token logits."""
+    import torch
+
+    from launch.batching.engine import prefill_inputs
+
+    prompts = [engine.tokenizer(p).input_ids for p in (PROMPTS[0], PROMPTS[3], PROMPTS[1])]
+    assert len({len(p) for p in prompts}) == 3
+    with torch.inference_mode():
+        alone = [engine.model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+        inputs = prefill_inputs(prompts, engine.tokenizer.eos_token_id)
+        together = engine.model(**inputs).logits[:, -1]
+        unmasked = engine.model(input_ids=inputs["input_ids"]).logits[:, -1]
+    for i, want in enumerate(alone):
+        torch.testing.assert_close(together[i], want, rtol=1e-3, atol=1e-3)
+    # The check has teeth: without the mask the padded prompts' logits move.
+    assert (unmasked[1] - alone[1]).abs().max() > 1e-2
+
+
+def test_a_failing_prefill_fails_its_requests_not_the_engine(engine, monkeypatch):
+    def broken(group):
+        raise RuntimeError("prefill exploded")
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    _, done, chunks = _submit(engine, PROMPTS[0], 4)
+    assert done.wait(30)  # the client hears about it instead of waiting forever
+    assert "prefill exploded" in chunks[-1].error
+    monkeypatch.undo()
+    assert engine.load() == 0  # not stuck retrying the same request
+    _, ok_done, ok_chunks = _submit(engine, PROMPTS[0], 4)
+    assert ok_done.wait(60) and ok_chunks[-1].error is None

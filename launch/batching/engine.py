@@ -1,11 +1,12 @@
 """The continuous-batching decode loop.
 
-One thread owns the model. New requests are prefilled one at a time at batch 1 (exactly the
-single-request computation), then their KV cache joins the running batch: every row is
-left-padded to the longest row and masked, and each decode step runs all rows at once. A row
-leaves as soon as it stops (its own stop tokens/strings/length), and fully padded leading
-columns are trimmed. Decoding on CPU is memory-bound: a step reads every weight once whatever
-the batch size, so B rows cost about as much as one.
+One thread owns the model. New requests that arrive together are prefilled together (left-padded
+and masked; a request alone is prefilled exactly as a single request), then their KV cache joins
+the running batch: every row is left-padded to the longest row and masked, and each decode step
+runs all rows at once. A row leaves as soon as it stops (its own stop tokens/strings/length),
+and fully padded leading columns are trimmed. Decoding on CPU is memory-bound: a step reads every
+weight once whatever the batch size, so B rows cost little more than one (with the right matmul
+kernels, launch/batching/kernels.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from launch.batching.params import GenParams, choose_token
 from launch.batching.text import IncrementalText, StopText
 
 log = logging.getLogger("batching")
+
+# Prefill new requests together unless padding would waste more than this share of the padded
+# tokens, and never more than this many padded tokens in one pass (activations scale with it).
+PAD_WASTE = 0.25
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -130,9 +136,16 @@ class BatchEngine:
             try:
                 with torch.inference_mode():
                     while waiting and len(self.rows) < self.max_batch:
+                        group = self._next_group()
                         self._claim()
-                        self._admit(waiting[0])  # counted as waiting until it is a row
-                        waiting.pop(0)
+                        try:
+                            self._admit(group)
+                        except Exception as e:  # these requests fail; the running rows go on
+                            log.exception("prefill failed")
+                            for req in group:
+                                self._finish(req, None, error=f"{type(e).__name__}: {e}")
+                        finally:  # counted as waiting until they are rows, and never retried
+                            del waiting[:len(group)]
                     if self.rows:
                         self._claim()
                         self._step()
@@ -146,18 +159,44 @@ class BatchEngine:
         if self.lease:
             self.lease.claim()
 
-    def _admit(self, req: Request) -> None:
-        if req.cancelled:
+    def _next_group(self) -> list[Request]:
+        """The waiting requests to prefill together: FIFO, up to the free rows, while padding the
+        shorter prompts to the longest wastes little (at most PAD_WASTE of the padded tokens)."""
+        free = self.max_batch - len(self.rows)
+        group = [self.waiting[0]]
+        for req in self.waiting[1:free]:
+            lengths = [len(r.prompt_ids) for r in (*group, req)]
+            padded = max(lengths) * len(lengths)
+            if padded > PREFILL_TOKENS or padded - sum(lengths) > PAD_WASTE * padded:
+                break
+            group.append(req)
+        return group
+
+    def _admit(self, group: list[Request]) -> None:
+        """Prefill new requests together, left-padded to the longest prompt and masked, then join them.
+
+        When requests arrive together (several users at once) one prefill pass reads the weights
+        once for all of them, and the running rows wait for one prefill instead of one per request.
+        A request alone is prefilled exactly as a single request is.
+        """
+        group = [r for r in group if not r.cancelled]
+        if not group:
             return
-        req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
-        req.stop_text = StopText(req.params.stop)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+        inputs = prefill_inputs([r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0)
         # Only the last position's logits are needed: skips a [prompt x vocab] matmul.
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = choose_token(out.logits[0, -1], req.params, _history(req))
-        row = _Row(req=req, length=len(req.prompt_ids), last_token=token)
-        if self._accept(row, token):
-            self._join(row, out.past_key_values)
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        rows, keep = [], []
+        for i, req in enumerate(group):
+            req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
+            req.stop_text = StopText(req.params.stop)
+            token = choose_token(logits[i], req.params, _history(req))
+            row = _Row(req=req, length=len(req.prompt_ids), last_token=token)
+            if self._accept(row, token):
+                rows.append(row)
+                keep.append(i)
+        if rows:
+            self._join(rows, _select_rows(_legacy(out.past_key_values), keep, len(group)))
 
     def _step(self) -> None:
         batch = len(self.rows)
@@ -223,21 +262,20 @@ class BatchEngine:
             req.cancel()
 
     # ---- the batched KV cache ----
-    def _join(self, row: _Row, cache) -> None:
-        new = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+    def _join(self, rows: list[_Row], new: tuple) -> None:
+        """Append rows (their legacy-format cache `new`) to the running batch, left-padding the narrower side."""
         if self.cache is None:
-            self.rows, self.cache = [row], DynamicCache.from_legacy_cache(new)
+            self.rows, self.cache = rows, DynamicCache.from_legacy_cache(new)
             return
         old = self.cache.to_legacy_cache()
-        width_old, width_new = old[0][0].shape[-2], new[0][0].shape[-2]
-        width = max(width_old, width_new)
+        width = max(old[0][0].shape[-2], new[0][0].shape[-2])
         layers = []
         for (ko, vo), (kn, vn) in zip(old, new, strict=True):
             layers.append((
                 torch.cat([_left_pad(ko, width), _left_pad(kn, width)], dim=0),
                 torch.cat([_left_pad(vo, width), _left_pad(vn, width)], dim=0),
             ))
-        self.rows.append(row)
+        self.rows.extend(rows)
         self.cache = DynamicCache.from_legacy_cache(tuple(layers))
 
     def _select(self, keep: list[int]) -> None:
@@ -251,6 +289,30 @@ class BatchEngine:
         idx = torch.tensor(keep, dtype=torch.long)
         layers = tuple((k[idx, :, trim:, :], v[idx, :, trim:, :]) for k, v in self.cache.to_legacy_cache())
         self.cache = DynamicCache.from_legacy_cache(layers)
+
+
+def prefill_inputs(prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Model inputs for prompts prefilled together: left-padded so every prompt ends in the last
+    column, pads masked out, and positions counted from each prompt's first real token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+    if all(len(p) == width for p in prompts):
+        return {"input_ids": ids}  # nothing padded: exactly the single-request inputs
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _legacy(cache) -> tuple:
+    return cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+
+
+def _select_rows(layers: tuple, keep: list[int], total: int) -> tuple:
+    if len(keep) == total:
+        return layers
+    idx = torch.tensor(keep, dtype=torch.long)
+    return tuple((k[idx], v[idx]) for k, v in layers)
 
 
 def _history(req: Request) -> list[int]:
