@@ -99,3 +99,40 @@ def test_slow_reader_gets_the_newest_cumulative_chunk_not_every_one():
     first, final = asyncio.run(run())
     assert first.text == "xxxxx" and first.completion_tokens == 5  # four stale chunks skipped
     assert final.finish_reason == "stop" and final.text == "xxxxxx"
+
+
+def test_one_step_of_chunks_wakes_the_event_loop_once():
+    """A step's chunks for every row reach their own queues, in order, with one loop wake-up."""
+    import asyncio
+    import threading
+
+    from launch.batching.engine import Chunk
+    from launch.batching_worker import _Mailbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        box = _Mailbox(loop)
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(cb, *args):
+            wakeups.append(cb)
+            return real(cb, *args)
+
+        loop.call_soon_threadsafe = counting
+        queues = [asyncio.Queue() for _ in range(4)]
+
+        def engine_step():  # what the engine thread does at the end of one decode step
+            for i, q in enumerate(queues):
+                box.post(q, Chunk(f"row {i}", 1, 1))
+                box.post(q, Chunk(f"row {i}!", 1, 2))
+
+        t = threading.Thread(target=engine_step)
+        t.start()
+        t.join()
+        got = [[(await q.get()).text, (await q.get()).text] for q in queues]
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(run())
+    assert got == [[f"row {i}", f"row {i}!"] for i in range(4)]
+    assert wakeups == 1
