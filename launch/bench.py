@@ -139,6 +139,7 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
 def run_shape(args: argparse.Namespace) -> int:
     import torch
 
+    from launch.batching.kernels import can_prepack, prepack_linears
     from launch.bench_raw import bandwidth_bytes_per_s, build_shape_model, param_bytes, raw_decode
 
     n = cpu_count()
@@ -148,17 +149,19 @@ def run_shape(args: argparse.Namespace) -> int:
     model = build_shape_model(args.shape)
     built = time.perf_counter() - t
     total, emb, tied = param_bytes(model)
+    # As the batching worker would serve it (launch/batching/kernels.py); a no-op where oneDNN has no bf16.
+    kernels = "onednn-packed" if prepack_linears(model) else f"aten ({can_prepack(torch.bfloat16)})"
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 8), args.repeats or (1 if args.quick else 2)
     ids = torch.randint(0, 1000, (1, 64))
     rate, ttft = raw_decode(model, ids, tokens, repeats)
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1)
-    out = {"shape": args.shape, "dtype": "bfloat16", "threads": n, "built_s": built, "weights_bytes": total,
+    out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
            "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
            "roofline_fraction": {args.shape: rate.median / roof}, "batch4_aggregate_tokens_per_s": rate4.__dict__}
-    print(f"{args.shape} (random weights, bf16, {n} threads): {total / 1e9:.1f} GB built in {built:.0f} s, "
+    print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
           f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.fmt() if False else f'{bw.median / 1e9:.1f}'} GB/s, "
           f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {rate.median / roof:.0%} of it; "
           f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")

@@ -81,6 +81,13 @@ class ModelReport:
         return self.raw_decode_tps.median / self.roofline_tps
 
     @property
+    def served_roofline_fraction(self) -> float | None:
+        """The same through the API: the serving worker's own kernels, not plain transformers'."""
+        if not self.roofline_tps or self.api_decode_tps is None:
+            return None
+        return self.api_decode_tps.median / self.roofline_tps
+
+    @property
     def shared_fraction(self) -> float | None:
         return ratio(self.shared_decode_tps, self.api_decode_tps)
 
@@ -97,6 +104,7 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
         "api_vs_raw_decode_ratio": {m.name: m.api_vs_raw for m in models},
         "concurrency_scaling": {m.name: scaling(m.concurrency_tps) for m in models},
         "roofline_fraction": {m.name: m.roofline_fraction for m in models},
+        "served_roofline_fraction": {m.name: m.served_roofline_fraction for m in models},
         "shared_cores_fraction_of_solo": {m.name: m.shared_fraction for m in models},
         "models": {},
     }
@@ -135,7 +143,7 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
             f"  API streaming  decode {m.api_decode_tps.fmt() if m.api_decode_tps else '-'} tok/s   "
             f"TTFT {m.api_ttft_s.fmt(3) if m.api_ttft_s else '-'} s   API/raw {_f(m.api_vs_raw)}",
             f"  roofline       {_f(m.roofline_tps, '{:.1f}')} tok/s ({m.bytes_per_token / 1e6:.0f} MB/token)   "
-            f"batch-1 fraction {_f(m.roofline_fraction)}",
+            f"batch-1 fraction: raw {_f(m.roofline_fraction)}, served {_f(m.served_roofline_fraction)}",
         ]
         if m.concurrency_tps:
             lines.append("  clients        " + "  ".join(

@@ -63,6 +63,7 @@ def test_report_json_shape(report):
     assert out["api_vs_raw_decode_ratio"]["m"] == pytest.approx(18.5 / 22.0)
     assert out["concurrency_scaling"]["m"]["4"] == pytest.approx(3.0)
     assert out["roofline_fraction"]["m"] == pytest.approx(22.0 / 44.0)
+    assert out["served_roofline_fraction"]["m"] == pytest.approx(18.5 / 44.0)
     assert out["shared_cores_fraction_of_solo"]["m"] == pytest.approx(9.0 / 18.5)
     model = out["models"]["m"]
     assert model["raw_decode_tokens_per_s"] == {"median": 22.0, "min": 20.0, "max": 24.0, "n": 3}
@@ -72,5 +73,5 @@ def test_report_json_shape(report):
 
 def test_table_mentions_every_figure(report):
     text = table([report], {"bandwidth_gbs": 22.0, "bandwidth_all_gbs": 25.0, "bandwidth_threads": 2, "cores": 2}, 61.0)
-    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "4: 54.0 tok/s (x3.00)", "0.49 of solo", "make up: 61 s"):
+    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 54.0 tok/s (x3.00)", "0.49 of solo", "make up: 61 s"):
         assert needle in text

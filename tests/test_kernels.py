@@ -75,3 +75,46 @@ def test_prepacking_does_not_keep_both_copies():
     before = _rss_kb()
     prepack_linears(model)
     assert _rss_kb() - before < weights_kb // 4
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).eval()  # q/k/v with biases, grouped k/v heads, a tied output
+
+
+def test_projections_of_one_input_share_one_matmul_and_compute_the_same():
+    from launch.batching.kernels import SharedInputLinear
+
+    model = _tiny_qwen2()
+    ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        want_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert prepack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + the head
+        got = model(input_ids=ids).logits
+        got_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, SharedInputLinear)
+    assert layer.self_attn.q_proj.group is layer.self_attn.v_proj.group
+    assert layer.mlp.gate_proj.group is layer.mlp.up_proj.group
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got_gen, want_gen)
+    assert layer.self_attn.q_proj.group._outputs == ()  # nothing held between forward passes
+
+
+def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_output():
+    lins = [nn.Linear(16, n) for n in (8, 4)]
+    parent = nn.Module()
+    parent.gate_proj, parent.up_proj = lins
+    torch.manual_seed(1)
+    xs = (torch.randn(3, 16), torch.randn(3, 16))
+    with torch.inference_mode():
+        want = [lin(x) for lin, x in zip(lins, xs, strict=True)]
+        prepack_linears(parent)
+        got = [parent.gate_proj(xs[0]), parent.up_proj(xs[1])]  # different inputs: no shortcut taken
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
