@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launch.batching.cores import lease_from_env
 from launch.batching.engine import Chunk
+from launch.batching.kernels import batch_rows_limit, prepack_linears
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
 
@@ -70,8 +71,6 @@ def _base_worker_class():
             )
             self.model.eval()
             if args.prepack:
-                from launch.batching.kernels import prepack_linears
-
                 print(f"batching worker: {prepack_linears(self.model)} linear layers on oneDNN packed weights",
                       flush=True)
             if self.tokenizer.pad_token is None:
@@ -84,7 +83,12 @@ def _base_worker_class():
             if lease:
                 print(f"batching worker: sharing {lease.cores} cores with the stack's other workers "
                       f"(slot {lease.slot})", flush=True)
-            self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=args.max_batch,
+            max_batch = args.max_batch
+            limit, why = batch_rows_limit(self.model.dtype)
+            if limit is not None and max_batch > limit:
+                print(f"batching worker: max_batch {max_batch} -> {limit}: {why}", flush=True)
+                max_batch = limit
+            self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=max_batch,
                                        context_len=self.context_len, lease=lease).start()
             if not args.no_register:
                 self.init_heart_beat()

@@ -118,3 +118,14 @@ def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_outp
         got = [parent.gate_proj(xs[0]), parent.up_proj(xs[1])]  # different inputs: no shortcut taken
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_without_bf16_units_is_served_one_row_at_a_time(monkeypatch):
+    from launch.batching import kernels
+
+    assert kernels.batch_rows_limit(torch.float32) == (None, "")
+    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: "no bf16 kernels")
+    limit, why = kernels.batch_rows_limit(torch.bfloat16)
+    assert limit == 1 and "bf16" in why
+    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: None)  # AVX512/AMX: rows are cheap
+    assert kernels.batch_rows_limit(torch.bfloat16) == (None, "")

@@ -124,6 +124,19 @@ def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
+    """(the most rows worth decoding together for this dtype here or None for no limit, why).
+
+    bf16 without bf16 units (AVX2 only) runs on PyTorch's generic kernels, which compute every
+    row separately: a 7B-shaped bf16 model decoded 1.03 tok/s at batch 1 and 0.70 tok/s in
+    total at batch 4 on the reference machine (`python -m launch bench --shape qwen-7b`). There,
+    requests are better served one after another.
+    """
+    if dtype == torch.bfloat16 and can_prepack(dtype) is not None:
+        return 1, "bf16 without bf16 units: several rows cost several times one row on this CPU"
+    return None, ""
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` in `model` by a PackedLinear (projections of one input
     share one packed matmul); returns how many were replaced."""
