@@ -26,6 +26,16 @@ from torch import nn
 log = logging.getLogger("batching")
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    """The weight reordered once into oneDNN's blocked layout (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # "none", [], "": no activation fused after the matmul.
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(nn.Module):
     """`nn.Linear` computed by oneDNN from a weight packed once at load time."""
 
@@ -33,11 +43,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # A plain attribute, not a Parameter: an opaque oneDNN tensor has no place in a state dict.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.packed = _pack(linear.weight.detach())
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn_packed=True"
@@ -67,7 +77,7 @@ class _SharedInput:
 
     def __init__(self, linears: list[nn.Linear]):
         weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.packed = _pack(weight)
         biases = [lin.bias for lin in linears]
         self.bias = None
         if any(b is not None for b in biases):
@@ -80,7 +90,7 @@ class _SharedInput:
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._input or self._left == 0:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            y = _packed_linear(x, self.packed, self.bias)
             self._input, self._outputs, self._left = x, y.split(self.sizes, dim=-1), len(self.sizes)
         out = self._outputs[index]
         self._left -= 1
