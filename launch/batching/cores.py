@@ -64,10 +64,6 @@ class CoreLease:
     def release(self) -> None:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0.0)
 
-    def close(self) -> None:
-        self.release()
-        self._map.close()
-
 
 def lease_from_env() -> CoreLease | None:
     """The lease the launcher set up for this worker (launch/services.py), if any."""

@@ -10,7 +10,8 @@ end). The packed copy replaces the module's weight, so the memory stays the same
 the output projection shares its weight with the input embedding (tied): the embedding keeps
 the plain tensor and the packed copy is extra.
 
-`CPU_ARENA_PREPACK=0` (or the model's `prepack_weights = false`) keeps stock linears, for comparison.
+The model's `prepack_weights = false` in the config (or the worker's `--no-prepack`) keeps stock linears,
+for comparison.
 """
 
 from __future__ import annotations
