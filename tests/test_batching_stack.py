@@ -142,6 +142,15 @@ def test_stop_strings_are_honoured(client, stream):
     assert finish == "stop"
 
 
+def _first_text(stream) -> str:
+    """Read a stream up to its first generated text. FastChat's API server sends the role chunk
+    before it calls the worker, so only text proves the worker has the request."""
+    for c in stream:
+        if c.choices and c.choices[0].delta.content:
+            return c.choices[0].delta.content
+    raise AssertionError("the stream ended without text")
+
+
 def _status(addr: str) -> int:
     return httpx.post(f"{addr}/worker_get_status", timeout=10).json()["queue_length"]
 
@@ -153,7 +162,7 @@ def test_queue_length_counts_running_and_waiting_and_the_limit_holds(bstack, cli
     streams = [chat(client, long_prompt, max_tokens=400, stream=True) for _ in range(MAX_QUEUE)]
     try:
         for s in streams:  # every request is decoding
-            next(iter(s))
+            _first_text(s)
         assert _status(addr) == MAX_QUEUE
         # One more through the API: refused by the API guard with 429, not queued.
         with pytest.raises(openai.RateLimitError):
