@@ -19,6 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n different free ports: every socket stays bound until all are chosen, because ports taken
+    one at a time and released can come back twice (CI saw api_port == controller_port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
     """The shipped default model entries with absolute paths (optionally a subset, with overrides)."""
     raw = tomllib.loads(DEFAULT_CONFIG.read_text())
@@ -33,18 +48,19 @@ def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
 
 
 def free_ports_config(tmp: Path, models: list[dict] | None = None, **server) -> Path:
+    models = models if models is not None else default_models()
+    controller, api, ui, worker_base, *worker_ports = free_ports(4 + len(models))
     base = {
         "host": "127.0.0.1",
-        "controller_port": free_port(),
-        "api_port": free_port(),
-        "ui_port": free_port(),
-        "worker_base_port": free_port(),
+        "controller_port": controller,
+        "api_port": api,
+        "ui_port": ui,
+        "worker_base_port": worker_base,
         "run_dir": str(tmp / "run"),
         "startup_timeout": 600,
     }
-    models = models if models is not None else default_models()
     # Worker ports: give each model its own free port rather than base+i (which may be taken).
-    models = [dict(m, port=m.get("port") or free_port()) for m in models]
+    models = [dict(m, port=m.get("port") or p) for m, p in zip(models, worker_ports, strict=True)]
     base.update(server)
     return write_config(tmp / "arena.toml", base, models)
 
