@@ -5,7 +5,7 @@ then `fout.write(json.dumps(data) + "\\n")`: a buffered text file whose data rea
 as many write() calls as the buffer needs and is never fsync'ed, so a kill or crash mid-record
 leaves a torn line that breaks every reader of the file. This patch gives those modules a
 module-level `open` whose append mode collects the text and writes it on close through
-launch/jsonl_log.py (O_APPEND, one write, fsync); every other mode is the builtin open.
+launch/jsonl_log.py (flock, cut a torn tail, one O_APPEND write, fsync); every other mode is the builtin open.
 """
 
 from __future__ import annotations
