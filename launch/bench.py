@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from launch.bench_stats import ModelReport, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
 from launch.config import REPO_ROOT, ArenaConfig, load_config, write_config
 from launch.hardware import cpu_count, resolve_dtype
+from launch.ports import on_free_ports
 from launch.state import is_ours, read_state
 
 CLIENTS = (1, 2, 4, 8)
@@ -60,29 +60,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bench_config(cfg: ArenaConfig, models: list[str], worker: str | None, run_dir: Path) -> Path:
     """A copy of the config on free ports, a private run folder and (optionally) another worker."""
     import tomllib
 
     raw = tomllib.loads(cfg.source.read_text())
-    server = dict(raw.get("server", {}), host="127.0.0.1", controller_port=_free_port(), api_port=_free_port(),
-                  ui_port=_free_port(), worker_base_port=_free_port(), run_dir=str(run_dir))
-    server.pop("advertise_host", None)
-    entries = []
-    for m in raw["models"]:
-        if m["name"] not in models:
-            continue
-        m = dict(m, path=str(cfg.model_path(cfg.model(m["name"]))), port=_free_port())
-        if worker:
-            m["worker"] = worker
-        entries.append(m)
-
+    chosen = [dict(m, path=str(cfg.model_path(cfg.model(m["name"]))), **({"worker": worker} if worker else {}))
+              for m in raw["models"] if m["name"] in models]
+    server, entries = on_free_ports(dict(raw.get("server", {}), run_dir=str(run_dir)), chosen)
     return write_config(run_dir.parent / "bench.toml", server, entries)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tomllib
@@ -11,27 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    """n different free ports: every socket stays bound until all are chosen, because ports taken
-    one at a time and released can come back twice (CI saw api_port == controller_port)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from launch.ports import on_free_ports
 
 
 def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
@@ -49,18 +28,7 @@ def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
 
 def free_ports_config(tmp: Path, models: list[dict] | None = None, **server) -> Path:
     models = models if models is not None else default_models()
-    controller, api, ui, worker_base, *worker_ports = free_ports(4 + len(models))
-    base = {
-        "host": "127.0.0.1",
-        "controller_port": controller,
-        "api_port": api,
-        "ui_port": ui,
-        "worker_base_port": worker_base,
-        "run_dir": str(tmp / "run"),
-        "startup_timeout": 600,
-    }
-    # Worker ports: give each model its own free port rather than base+i (which may be taken).
-    models = [dict(m, port=m.get("port") or p) for m, p in zip(models, worker_ports, strict=True)]
+    base, models = on_free_ports({"run_dir": str(tmp / "run"), "startup_timeout": 600}, models)
     base.update(server)
     return write_config(tmp / "arena.toml", base, models)
 

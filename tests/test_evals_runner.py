@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from evals import cli, store
 from launch.config import REPO_ROOT
-from tests.stackutil import free_port
+from launch.ports import free_port
 
 QUESTIONS = [{"id": f"q{i}", "category": "c", "question": f"question {i}", "keypoints": [f"answer {i}"]}
              for i in range(4)]

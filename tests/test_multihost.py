@@ -15,7 +15,8 @@ import pytest
 
 from launch.api_guard.controller_client import list_workers
 from launch.config import REPO_ROOT
-from tests.stackutil import default_models, free_port, free_ports_config, stack_for, write_config
+from launch.ports import free_port
+from tests.stackutil import default_models, free_ports_config, stack_for, write_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REMOTE = "127.0.0.2"
