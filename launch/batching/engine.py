@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from transformers import DynamicCache
 from launch.batching.cores import CoreLease
 from launch.batching.params import GenParams, choose_token
 from launch.batching.text import IncrementalText, StopText
+from launch.batching.thread import EngineThread
 
 log = logging.getLogger("batching")
 
@@ -71,37 +71,24 @@ class _Row:
     last_token: int
 
 
-class BatchEngine:
+class BatchEngine(EngineThread):
+    thread_name = "batch-engine"
+
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
                  lease: CoreLease | None = None):
+        super().__init__()
         self.model = model
         self.lease = lease
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.context_len = context_len
-        self.incoming: queue.Queue[Request] = queue.Queue()
         # Taken off `incoming` by the loop but not yet admitted (the batch is full).
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.steps = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        # OpenMP's thread count is per calling thread: carry the launcher's setting into the loop thread.
-        self._threads = torch.get_num_threads()
 
     # ---- public, any thread ----
-    def start(self) -> BatchEngine:
-        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def shutdown(self) -> None:
-        self._stop.set()
-        self.incoming.put(None)  # type: ignore[arg-type]  # wake the loop
-        if self._thread:
-            self._thread.join(timeout=10)
-
     def submit(self, params: GenParams, sink: Callable[[Chunk], None]) -> Request:
         ids = self.tokenizer(params.prompt).input_ids
         # Leave room for the answer, as FastChat's generate_stream does.
@@ -116,7 +103,6 @@ class BatchEngine:
 
     # ---- engine thread ----
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
         waiting = self.waiting
         while not self._stop.is_set():
             try:

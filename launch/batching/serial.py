@@ -12,16 +12,13 @@ stock worker does.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from launch.batching.cores import CoreLease
 from launch.batching.engine import Chunk
 from launch.batching.params import GenParams
+from launch.batching.thread import EngineThread
 
 log = logging.getLogger("batching")
 
@@ -36,31 +33,20 @@ class SerialRequest:
         self.cancelled = True
 
 
-class SerialEngine:
+class SerialEngine(EngineThread):
     """Same interface as BatchEngine (submit/load/start/shutdown), max_batch 1."""
 
     max_batch = 1
+    thread_name = "serial-engine"
 
     def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048,
                  lease: CoreLease | None = None):
+        super().__init__()
         self.model, self.tokenizer, self.generate = model, tokenizer, generate
         self.lease = lease
         self.context_len = context_len
-        self.incoming: queue.Queue[SerialRequest | None] = queue.Queue()
         self.running = 0
         self.steps = 0  # chunks produced (diagnostics)
-        self._thread: threading.Thread | None = None
-        self._threads = torch.get_num_threads()
-
-    def start(self) -> SerialEngine:
-        self._thread = threading.Thread(target=self._loop, name="serial-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def shutdown(self) -> None:
-        self.incoming.put(None)
-        if self._thread:
-            self._thread.join(timeout=10)
 
     def submit(self, params: GenParams, sink: Callable[[Chunk], None]) -> SerialRequest:
         req = SerialRequest(params, sink)
@@ -71,7 +57,6 @@ class SerialEngine:
         return self.running + self.incoming.qsize()
 
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
         while True:
             if self.lease and self.incoming.empty():
                 self.lease.release()  # idle: the other workers may use our cores
