@@ -200,7 +200,8 @@ class ChatTab:
             clear_btn = gr.Button("🗑️  New conversation" if self.mode != "battle" else "🗑️  New battle",
                                   elem_id=f"{self.mode}_clear")
         with gr.Accordion("Parameters", open=False, elem_id=f"{self.mode}_params"):
-            temperature = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Temperature")
+            temperature = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Temperature",
+                                    elem_id=f"{self.mode}_temperature")
             top_p = gr.Slider(0.0, 1.0, value=1.0, step=0.1, label="Top P")
             max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max output tokens",
                                    elem_id=f"{self.mode}_max_tokens")
