@@ -25,6 +25,7 @@ PATCHES: tuple[str, ...] = (
     "api_limits",
     "api_keys",
     "api_metrics",
+    "api_stream_client",
     "controller_fast_removal",
     "durable_ui_logs",
 )
