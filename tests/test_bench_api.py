@@ -1,0 +1,70 @@
+"""launch/bench_api.py against a stub OpenAI streaming server with known timing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from launch.bench_api import concurrent, stream_chat
+
+DELAY_S = 0.2  # before the first token, and between tokens
+WORDS = ["one", " two", " three"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        role = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+        self.wfile.write(f"data: {json.dumps(role)}\n\n".encode())
+        for w in WORDS:
+            time.sleep(DELAY_S)
+            chunk = {"choices": [{"index": 0, "delta": {"content": w}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.bodies = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+class _Words:
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": text.split()})()
+
+
+def test_stream_chat_times_first_and_last_text(api):
+    url = f"http://127.0.0.1:{api.server_address[1]}/v1"
+    r = stream_chat(url, "m", 8)
+    assert r.text == "one two three"
+    assert DELAY_S * 0.9 <= r.ttft_s < DELAY_S * 2.5  # the role chunk does not count as the first token
+    assert (len(WORDS) - 1) * DELAY_S * 0.9 <= r.decode_s < len(WORDS) * DELAY_S * 2
+    assert api.bodies[-1]["stream"] is True and api.bodies[-1]["temperature"] == 0
+
+
+def test_concurrent_clients_overlap_and_count_tokens(api):
+    url = f"http://127.0.0.1:{api.server_address[1]}/v1"
+    wall, results, tokens = concurrent(url, [("m", _Words())] * 4, 8)
+    assert [r.text for r in results] == ["one two three"] * 4
+    assert tokens == [3] * 4
+    # The stub serves the 4 streams in parallel: the wall time is one stream's, not four.
+    assert len(WORDS) * DELAY_S * 0.9 <= wall < 2 * len(WORDS) * DELAY_S
