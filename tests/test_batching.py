@@ -141,6 +141,29 @@ def test_requests_arriving_together_are_prefilled_together(engine):
     assert admitted == [3]
 
 
+def test_requests_a_few_ms_apart_on_an_idle_engine_share_one_prefill(engine):
+    """As FastChat's API server forwards requests sent at once: a few ms apart, not together."""
+    from launch.batching.engine import ADMIT_GAP_S, BatchEngine
+
+    eng = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048).start()
+    admitted = []
+    real_admit = eng._admit
+    eng._admit = lambda group: (admitted.append(len(group)), real_admit(group))
+    try:
+        running = []
+        for p in PROMPTS[:3]:
+            running.append(_submit(eng, p, 4))
+            time.sleep(ADMIT_GAP_S / 3)
+        for _, done, chunks in running:
+            assert done.wait(120) and chunks[-1].error is None
+        # Later: one request alone is admitted alone, once no other follows it.
+        _, done, _ = _submit(eng, PROMPTS[0], 2)
+        assert done.wait(120)
+    finally:
+        eng.shutdown()
+    assert admitted == [3, 1]
+
+
 def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
     """The left-padded inputs reproduce every prompt's single-request next-token logits."""
     import torch
