@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launch.batching.cores import lease_from_env
 from launch.batching.engine import Chunk
-from launch.batching.kernels import batch_rows_limit, prepack_linears
+from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
 
@@ -71,8 +71,8 @@ def _base_worker_class():
             )
             self.model.eval()
             if args.prepack:
-                print(f"batching worker: {prepack_linears(self.model)} linear layers on oneDNN packed weights",
-                      flush=True)
+                print(f"batching worker: {prepack_linears(self.model)} linear layers on "
+                      f"{linear_backend(self.model.dtype)}", flush=True)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.context_len = get_context_length(self.model.config)

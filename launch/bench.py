@@ -124,7 +124,7 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
 def run_shape(args: argparse.Namespace) -> int:
     import torch
 
-    from launch.batching.kernels import can_prepack, prepack_linears
+    from launch.batching.kernels import linear_backend, prepack_linears
     from launch.bench_raw import bandwidth_bytes_per_s, build_shape_model, param_bytes, raw_decode
 
     n = cpu_count()
@@ -134,8 +134,8 @@ def run_shape(args: argparse.Namespace) -> int:
     model = build_shape_model(args.shape)
     built = time.perf_counter() - t
     total, emb, tied = param_bytes(model)
-    # As the batching worker would serve it (launch/batching/kernels.py); a no-op where oneDNN has no bf16.
-    kernels = "onednn-packed" if prepack_linears(model) else f"aten ({can_prepack(torch.bfloat16)})"
+    # As the batching worker would serve it (launch/batching/kernels.py).
+    kernels = linear_backend(torch.bfloat16) if prepack_linears(model) else "PyTorch's kernels"
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 8), args.repeats or (1 if args.quick else 2)
     ids = torch.randint(0, 1000, (1, 64))
@@ -147,7 +147,7 @@ def run_shape(args: argparse.Namespace) -> int:
            "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
            "roofline_fraction": {args.shape: rate.median / roof}, "batch4_aggregate_tokens_per_s": rate4.__dict__}
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
-          f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.fmt() if False else f'{bw.median / 1e9:.1f}'} GB/s, "
+          f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
           f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {rate.median / roof:.0%} of it; "
           f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
     _write_json(args, out)

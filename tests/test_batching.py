@@ -30,19 +30,22 @@ def smollm2_path() -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def engine():
+def _start_engine(dtype_name: str):
     import torch
     from fastchat.model.model_adapter import load_model
 
     from launch.batching.engine import BatchEngine
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     from launch.batching.kernels import prepack_linears
 
-    model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=torch.float32)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=getattr(torch, dtype_name))
     prepack_linears(model.eval())  # as the worker serves it by default
-    eng = BatchEngine(model, tok, max_batch=4, context_len=2048).start()
+    return BatchEngine(model, tok, max_batch=4, context_len=2048).start()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = _start_engine("float32")
     yield eng
     eng.shutdown()
 
@@ -85,6 +88,22 @@ def test_batched_greedy_equals_single(engine):
         assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))  # text only grows
     # Batched: far fewer decode steps than the sum of the answers.
     assert engine.steps - steps_before < sum(len(ids) for ids, _ in singles)
+
+
+@pytest.mark.slow
+def test_bf16_batched_greedy_equals_single():
+    """bf16 as a 7B model is served here: on oneDNN with bf16 units, else on the AVX2 kernel, batched."""
+    import torch
+
+    from launch.batching.kernels import batch_rows_limit, linear_backend
+
+    if batch_rows_limit(torch.bfloat16)[0] == 1:
+        pytest.skip(f"bf16 is served one row at a time here: {linear_backend(torch.bfloat16)}")
+    eng = _start_engine("bfloat16")
+    try:
+        test_batched_greedy_equals_single(eng)
+    finally:
+        eng.shutdown()
 
 
 def test_own_stop_and_length_per_request(engine):

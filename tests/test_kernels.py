@@ -50,10 +50,18 @@ def test_prepack_replaces_every_linear_and_keeps_the_output():
     assert model.emb.weight.shape == (50, 32)  # the tied embedding keeps its plain weight
 
 
-def test_bf16_is_packed_only_where_onednn_has_kernels():
+def test_bf16_goes_to_onednn_where_it_has_bf16_kernels_else_to_the_avx2_kernel():
+    from launch.batching.kernels import Bf16Linear
+    from launch.batching.native import bf16_kernel
+
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     n = prepack_linears(model)
-    assert n == (1 if can_prepack(torch.bfloat16) is None else 0)
+    if can_prepack(torch.bfloat16) is None:
+        assert n == 1 and type(model[0]) is PackedLinear
+    elif bf16_kernel()[0] is not None:
+        assert n == 1 and type(model[0]) is Bf16Linear
+    else:
+        assert n == 0
 
 
 def _rss_kb() -> int:
@@ -118,14 +126,3 @@ def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_outp
         got = [parent.gate_proj(xs[0]), parent.up_proj(xs[1])]  # different inputs: no shortcut taken
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-
-
-def test_bf16_without_bf16_units_is_served_one_row_at_a_time(monkeypatch):
-    from launch.batching import kernels
-
-    assert kernels.batch_rows_limit(torch.float32) == (None, "")
-    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: "no bf16 kernels")
-    limit, why = kernels.batch_rows_limit(torch.bfloat16)
-    assert limit == 1 and "bf16" in why
-    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: None)  # AVX512/AMX: rows are cheap
-    assert kernels.batch_rows_limit(torch.bfloat16) == (None, "")

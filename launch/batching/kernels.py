@@ -10,6 +10,10 @@ end). The packed copy replaces the module's weight, so the memory stays the same
 the output projection shares its weight with the input embedding (tied): the embedding keeps
 the plain tensor and the packed copy is extra.
 
+bf16 on a CPU without bf16 units (no AVX512_BF16/AMX, so oneDNN has no bf16 kernels) runs on a small
+AVX2 kernel instead (bf16_linear.c, built by native.py): batch 1 at memory speed, and several rows
+for little more than one.
+
 The model's `prepack_weights = false` in the config (or the worker's `--no-prepack`) keeps stock linears,
 for comparison.
 """
@@ -23,6 +27,8 @@ import logging
 
 import torch
 from torch import nn
+
+from launch.batching.native import bf16_kernel
 
 log = logging.getLogger("batching")
 
@@ -65,6 +71,26 @@ def can_prepack(dtype: torch.dtype) -> str | None:
             return None
         return "oneDNN has no bf16 kernels for this CPU"
     return f"oneDNN linears are not used for {dtype}"
+
+
+class Bf16Linear(nn.Module):
+    """`nn.Linear` on a bf16 weight, computed by the AVX2 kernel; the weight is the module's own (no copy)."""
+
+    def __init__(self, linear: nn.Linear, kernel):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter: a tied embedding stays tied, nothing is copied
+        if not self.weight.is_contiguous():
+            self.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=bf16_linear.c"
 
 
 class _SharedInput:
@@ -138,23 +164,39 @@ def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype) -> int:
 def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
     """(the most rows worth decoding together for this dtype here or None for no limit, why).
 
-    bf16 without bf16 units (AVX2 only) runs on PyTorch's generic kernels, which compute every
-    row separately: a 7B-shaped bf16 model decoded 1.03 tok/s at batch 1 and 0.70 tok/s in
-    total at batch 4 on the reference machine (`python -m launch bench --shape qwen-7b`). There,
-    requests are better served one after another.
+    bf16 without bf16 units and without the AVX2 kernel (no compiler, no AVX2) runs on PyTorch's
+    generic kernels, which compute every row separately: a 7B-shaped bf16 model decoded 1.03 tok/s
+    at batch 1 and 0.70 tok/s in total at batch 4 on the reference machine (`python -m launch bench
+    --shape qwen-7b`). There, requests are better served one after another.
     """
-    if dtype == torch.bfloat16 and can_prepack(dtype) is not None:
+    if dtype == torch.bfloat16 and can_prepack(dtype) is not None and bf16_kernel()[0] is None:
         return 1, "bf16 without bf16 units: several rows cost several times one row on this CPU"
     return None, ""
 
 
+def linear_backend(dtype: torch.dtype) -> str:
+    """What prepack_linears puts a model of this dtype on, in words (worker log, bench JSON)."""
+    why_not = can_prepack(dtype)
+    if why_not is None:
+        return "oneDNN packed weights"
+    if dtype == torch.bfloat16:
+        kernel, why = bf16_kernel()
+        if kernel is not None:
+            return "the AVX2 bf16 kernel"
+        why_not = f"{why_not}; {why}"
+    return f"PyTorch's kernels ({why_not})"
+
+
 def prepack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` in `model` by a PackedLinear (projections of one input
-    share one packed matmul); returns how many were replaced."""
+    share one packed matmul), or by a Bf16Linear for bf16 where oneDNN has no bf16 kernels;
+    returns how many were replaced."""
     dtype = next(model.parameters()).dtype
     why_not = can_prepack(dtype)
+    if why_not and dtype == torch.bfloat16 and bf16_kernel()[0] is not None:
+        return _use_bf16_kernel(model, bf16_kernel()[0])
     if why_not:
-        log.info("weights not prepacked: %s", why_not)
+        log.info("linears stay on %s", linear_backend(dtype))
         return 0
     n = _fuse_shared_inputs(model, dtype)
     for parent in list(model.modules()):
@@ -164,6 +206,16 @@ def prepack_linears(model: nn.Module) -> int:
                 setattr(parent, name, PackedLinear(child))
                 n += 1
     _give_back_freed_memory()
+    return n
+
+
+def _use_bf16_kernel(model: nn.Module, kernel) -> int:
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                setattr(parent, name, Bf16Linear(child, kernel))
+                n += 1
     return n
 
 

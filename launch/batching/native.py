@@ -1,0 +1,104 @@
+"""Build (once, with the system's C compiler) and load the bf16 linear kernel (bf16_linear.c).
+
+Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
+with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
+keeps working on PyTorch's own kernels (the reason is logged). The library is cached per source
+hash and compiler flags under ~/.cache/cpu-arena (CPU_ARENA_KERNEL_CACHE overrides) and written
+by rename, so workers starting together never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 resolves to
+
+from launch.hardware import cpu_flags
+
+SOURCE = Path(__file__).with_name("bf16_linear.c")
+# -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
+# same operations whichever block computed it (a row's result must not depend on the batch).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+NEEDS = ("avx2", "fma")
+XTILE = 16  # input rows per pass over the weight, as in bf16_linear.c
+
+
+class Bf16Kernel:
+    """The loaded `linear_bf16`; `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 weight, in bf16."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fn = ctypes.CDLL(str(path)).linear_bf16
+        self._fn.restype = None
+        self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows, n_in = x.shape
+        n_out = weight.shape[0]
+        if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] != n_in:
+            raise ValueError(f"linear_bf16 needs a contiguous bf16 [{n_out}, {n_in}] weight, got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
+        dtype = x.dtype
+        x = x.to(torch.bfloat16).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.bfloat16).contiguous()
+        y = torch.empty(rows, n_out, dtype=torch.bfloat16)
+        buf = torch.empty(min(rows, XTILE) * n_in, dtype=torch.float32)  # the inputs widened to fp32
+        # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
+        self._fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+                 buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
+        return y if dtype == torch.bfloat16 else y.to(dtype)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CPU_ARENA_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpu-arena" / "kernels"
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel if this source and these flags were not compiled before; returns the library."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    lib = out_dir / f"bf16_linear-{digest}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-800:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@cache
+def bf16_kernel() -> tuple[Bf16Kernel | None, str]:
+    """(the kernel, "") or (None, why it is not used here). Built and loaded once per process."""
+    missing = [f for f in NEEDS if f not in cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    try:
+        return Bf16Kernel(build()), ""
+    except (OSError, RuntimeError) as e:
+        return None, f"bf16 kernel not built: {e}"

@@ -1,0 +1,147 @@
+"""The AVX2 bf16 linear kernel (launch/batching/bf16_linear.c): same results as PyTorch's bf16 linear,
+rows independent of each other, built once, and a clear reason where it cannot be used."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from launch.batching import kernels, native
+
+KERNEL, WHY = native.bf16_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 kernel unavailable here: {WHY}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])  # 17 and 40 span several 16-row passes
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_torch_bf16_linear(n_out, n_in, rows, bias):
+    torch.manual_seed(n_out * 1000 + n_in + rows)
+    lin = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, n_in).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = lin(x)
+        got = KERNEL(x, lin.weight, lin.bias)
+        exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    # Both accumulate in fp32 and round once to bf16: the kernel is no further from the exact result.
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-6
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """The batching worker's batched == single rests on this: bitwise, for every batch size."""
+    torch.manual_seed(0)
+    w = torch.randn(37, 200).to(torch.bfloat16)
+    x = torch.randn(35, 200).to(torch.bfloat16)
+    alone = torch.cat([KERNEL(x[i:i + 1], w, None) for i in range(len(x))])
+    for rows in (2, 3, 16, 17, 35):
+        assert torch.equal(KERNEL(x[:rows], w, None), alone[:rows])
+
+
+@needs_kernel
+def test_kernel_runs_on_the_calling_threads_count_in_torchs_openmp_runtime():
+    # One OpenMP runtime in the process (torch's): two would each keep a thread pool on the same cores.
+    libs = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(libs) == 1, libs
+    w, x = torch.randn(64, 64).to(torch.bfloat16), torch.randn(2, 64).to(torch.bfloat16)
+    results = []
+
+    def run():
+        torch.set_num_threads(1)  # what the core lease does on the engine thread
+        results.append(KERNEL(x, w, None))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert torch.equal(results[0], KERNEL(x, w, None))
+
+
+def test_a_wrong_weight_is_refused_with_its_dtype_and_shape():
+    if KERNEL is None:
+        pytest.skip(WHY)
+    with pytest.raises(ValueError, match="float32"):
+        KERNEL(torch.randn(1, 8).to(torch.bfloat16), torch.randn(4, 8), None)
+
+
+def test_build_compiles_once_then_reuses_the_library(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    lib = native.build(tmp_path)
+    assert lib.exists() and not list(tmp_path.glob("*.tmp"))
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compile)
+    assert native.build(tmp_path) == lib
+
+
+def test_build_without_a_compiler_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        native.build(tmp_path)
+
+
+def test_a_failing_compile_reports_the_compilers_message_and_leaves_nothing(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="bad.c"):
+        native.build(out)
+    assert list(out.iterdir()) == []
+
+
+def _tiny_bf16_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@needs_kernel
+def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: "oneDNN has no bf16 kernels for this CPU")
+    model = _tiny_bf16_qwen2()
+    ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        assert kernels.prepack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + the head
+        got = model(input_ids=ids).logits
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: nothing copied
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
+    assert kernels.linear_backend(torch.bfloat16) == "the AVX2 bf16 kernel"
+    assert kernels.batch_rows_limit(torch.bfloat16) == (None, "")  # rows are cheap again
+
+
+def test_without_the_kernel_bf16_stays_on_torch_one_row_at_a_time(monkeypatch):
+    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: None if dtype == torch.float32 else "no bf16 oneDNN")
+    monkeypatch.setattr(kernels, "bf16_kernel", lambda: (None, "the CPU lacks avx2"))
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    assert kernels.prepack_linears(model) == 0
+    assert type(model[0]) is nn.Linear
+    assert "the CPU lacks avx2" in kernels.linear_backend(torch.bfloat16)
+    limit, why = kernels.batch_rows_limit(torch.bfloat16)
+    assert limit == 1 and "bf16" in why
+    assert kernels.batch_rows_limit(torch.float32) == (None, "")
+
+
+def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
+    native.bf16_kernel.cache_clear()
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse2"}))
+    try:
+        kernel, why = native.bf16_kernel()
+        assert kernel is None and "avx2" in why and "fma" in why
+    finally:
+        native.bf16_kernel.cache_clear()
