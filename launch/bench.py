@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch.bench_stats import ModelReport, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
+from launch.bench_stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
 from launch.config import REPO_ROOT, ArenaConfig, load_config, write_config
 from launch.hardware import cpu_count, resolve_dtype
 from launch.ports import on_free_ports
@@ -51,7 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated subset of the configured models (default: all)")
     p.add_argument("--shape", choices=("qwen-7b",), default=None,
                    help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement (default 48, quick 16)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
     p.add_argument("--repeats", type=int, default=None,
                    help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
     p.add_argument("--clients", default=None,
@@ -125,11 +125,10 @@ def run_shape(args: argparse.Namespace) -> int:
     import torch
 
     from launch.batching.kernels import linear_backend, prepack_linears
-    from launch.bench_raw import bandwidth_bytes_per_s, build_shape_model, param_bytes, raw_decode
+    from launch.bench_raw import bandwidth_samples, build_shape_model, param_bytes, raw_decode
 
     n = cpu_count()
     torch.set_num_threads(n)
-    bw = bandwidth_bytes_per_s(n)
     t = time.perf_counter()
     model = build_shape_model(args.shape)
     built = time.perf_counter() - t
@@ -137,14 +136,18 @@ def run_shape(args: argparse.Namespace) -> int:
     # As the batching worker would serve it (launch/batching/kernels.py).
     kernels = linear_backend(torch.bfloat16) if prepack_linears(model) else "PyTorch's kernels"
     per_token = weight_bytes_per_token(total, emb, tied)
-    tokens, repeats = args.tokens or (4 if args.quick else 8), args.repeats or (1 if args.quick else 2)
+    tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
     ids = torch.randint(0, 1000, (1, 64))
+    # The VM's bandwidth drifts by tens of percent within minutes: measured right before and right
+    # after the decode runs, and the roofline taken from all of it.
+    samples = bandwidth_samples(n)
     rate, ttft = raw_decode(model, ids, tokens, repeats)
+    bw = Stat.of(samples + bandwidth_samples(n))
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1)
     out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
-           "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
+           "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
            "roofline_fraction": {args.shape: rate.median / roof}, "batch4_aggregate_tokens_per_s": rate4.__dict__}
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
           f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "

@@ -25,6 +25,10 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
 
     fp32 on purpose: torch's bf16 .sum() runs at ~1 GB/s here and would measure the ALU, not memory.
     """
+    return Stat.of(bandwidth_samples(n_threads, mb, repeats))
+
+
+def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[float]:
     x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
     with threads(n_threads):
         x.sum()  # warm: page faults and thread pool start
@@ -33,7 +37,7 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
             t = time.perf_counter()
             x.sum()
             rates.append(x.numel() * 4 / (time.perf_counter() - t))
-    return Stat.of(rates)
+    return rates
 
 
 def param_bytes(model) -> tuple[int, int, bool]:

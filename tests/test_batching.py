@@ -99,11 +99,14 @@ def test_bf16_batched_greedy_equals_single():
 
     if batch_rows_limit(torch.bfloat16)[0] == 1:
         pytest.skip(f"bf16 is served one row at a time here: {linear_backend(torch.bfloat16)}")
+    from launch.batching import attention
+
     eng = _start_engine("bfloat16")
     try:
         test_batched_greedy_equals_single(eng)
     finally:
         eng.shutdown()
+        attention.uninstall()  # installed with the AVX2 kernels; the other tests run stock SDPA
 
 
 def test_own_stop_and_length_per_request(engine):

@@ -93,7 +93,7 @@ def test_a_failing_compile_reports_the_compilers_message_and_leaves_nothing(tmp_
         pytest.skip("no C compiler")
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (bad,))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="bad.c"):
         native.build(out)
@@ -111,7 +111,10 @@ def _tiny_bf16_qwen2():
 
 @needs_kernel
 def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatch):
+    from launch.batching import attention
+
     monkeypatch.setattr(kernels, "can_prepack", lambda dtype: "oneDNN has no bf16 kernels for this CPU")
+    monkeypatch.setattr(attention, "install", lambda kernel: None)  # its own tests below
     model = _tiny_bf16_qwen2()
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
     with torch.inference_mode():
@@ -145,3 +148,105 @@ def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
         assert kernel is None and "avx2" in why and "fma" in why
     finally:
         native.bf16_kernel.cache_clear()
+
+
+# ---- one decode token's attention (bf16_attention.c behind torch's SDPA) ----
+
+@pytest.fixture
+def patched_sdpa():
+    from launch.batching import attention
+
+    attention.install(KERNEL)
+    yield attention._original
+    attention.uninstall()
+
+
+def _qkv(B, H, Hkv, T, D, seed=0):
+    torch.manual_seed(seed)
+    return (torch.randn(B, H, 1, D).to(torch.bfloat16), torch.randn(B, Hkv, T, D).to(torch.bfloat16),
+            torch.randn(B, Hkv, T, D).to(torch.bfloat16))
+
+
+def _masks(B, H, T):
+    keep = torch.rand(B, 1, 1, T) > 0.3
+    keep[..., -1] = True  # every row attends to something, as in decoding
+    per_head = torch.rand(B, H, 1, T) > 0.5
+    per_head[..., 0] = True
+    return [None, keep, keep[:1], per_head, torch.zeros(B, 1, 1, T).masked_fill(~keep, float("-inf")),
+            torch.zeros(B, 1, 1, T, dtype=torch.bfloat16).masked_fill(~keep, torch.finfo(torch.bfloat16).min)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 32, 32, 80, 128), (3, 8, 2, 50, 64), (2, 4, 4, 7, 72), (1, 2, 1, 1, 8)])
+def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D):
+    original = patched_sdpa
+    q, k, v = _qkv(B, H, Hkv, T, D)
+    gqa = Hkv != H
+    for i, mask in enumerate(_masks(B, H, T)):
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        want = original(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa,
+                         attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
+        assert got.shape == want.shape and got.dtype == torch.bfloat16, i
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=f"mask {i}")
+        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + 4e-3, i
+
+
+@needs_kernel
+def test_decode_attention_takes_strided_queries_and_a_scale(patched_sdpa):
+    original = patched_sdpa
+    q, k, v = _qkv(2, 4, 4, 9, 16)
+    q = torch.cat([q, q, q], dim=-1)[..., 16:32]  # a slice of a fused q/k/v projection, as remote code has
+    assert not q.is_contiguous()
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(got, original(q, k, v, scale=0.3), rtol=1.6e-2, atol=1e-2)
+
+
+@needs_kernel
+def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa):
+    """Batched decode == single: the padding columns a batch adds change nothing, bitwise."""
+    q, k, v = _qkv(1, 4, 4, 6, 32)
+    alone = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    pad = torch.zeros(1, 4, 3, 32, dtype=torch.bfloat16)
+    mask = torch.tensor([[[[False] * 3 + [True] * 6]]])
+    padded = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([pad, k], 2), torch.cat([pad, v], 2),
+                                                              attn_mask=mask)
+    assert torch.equal(padded, alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["prompt", "causal", "fp32", "dropout", "no-gqa-flag"])
+def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monkeypatch):
+    from launch.batching import attention
+
+    q, k, v = _qkv(1, 4, 2 if case == "no-gqa-flag" else 4, 5, 16)
+    kw = {}
+    if case == "prompt":
+        q = torch.randn(1, 4, 5, 16).to(torch.bfloat16)
+    elif case == "causal":
+        kw["is_causal"] = True
+    elif case == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    elif case == "dropout":
+        kw["dropout_p"] = 0.5
+    calls = []
+    monkeypatch.setattr(attention, "_decode", lambda *a: calls.append(a))
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    except RuntimeError:
+        assert case == "no-gqa-flag"  # SDPA's own error for mismatched heads without enable_gqa
+    assert calls == []
+
+
+@needs_kernel
+def test_installing_twice_wraps_once():
+    from launch.batching import attention
+
+    attention.install(KERNEL)
+    first = torch.nn.functional.scaled_dot_product_attention
+    attention.install(KERNEL)
+    try:
+        assert torch.nn.functional.scaled_dot_product_attention is first
+    finally:
+        attention.uninstall()
+    assert torch.nn.functional.scaled_dot_product_attention is attention._original

@@ -12,7 +12,7 @@ the plain tensor and the packed copy is extra.
 
 bf16 on a CPU without bf16 units (no AVX512_BF16/AMX, so oneDNN has no bf16 kernels) runs on a small
 AVX2 kernel instead (bf16_linear.c, built by native.py): batch 1 at memory speed, and several rows
-for little more than one.
+for little more than one; one decode token's attention goes to bf16_attention.c (attention.py).
 
 The model's `prepack_weights = false` in the config (or the worker's `--no-prepack`) keeps stock linears,
 for comparison.
@@ -210,6 +210,9 @@ def prepack_linears(model: nn.Module) -> int:
 
 
 def _use_bf16_kernel(model: nn.Module, kernel) -> int:
+    from launch.batching import attention
+
+    attention.install(kernel)  # one decode token's attention too: torch's bf16 SDPA is slow here
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -1,4 +1,4 @@
-"""Build (once, with the system's C compiler) and load the bf16 linear kernel (bf16_linear.c).
+"""Build (once, with the system's C compiler) and load the bf16 kernels (bf16_linear.c, bf16_attention.c).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -22,7 +22,7 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 
 from launch.hardware import cpu_flags
 
-SOURCE = Path(__file__).with_name("bf16_linear.c")
+SOURCES = (Path(__file__).with_name("bf16_linear.c"), Path(__file__).with_name("bf16_attention.c"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -31,13 +31,18 @@ XTILE = 16  # input rows per pass over the weight, as in bf16_linear.c
 
 
 class Bf16Kernel:
-    """The loaded `linear_bf16`; `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 weight, in bf16."""
+    """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 weight, in bf16;
+    `decode_attention` is one query's attention over a bf16 KV cache."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._fn = ctypes.CDLL(str(path)).linear_bf16
+        lib = ctypes.CDLL(str(path))
+        self._fn = lib.linear_bf16
         self._fn.restype = None
         self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        self._attn = lib.decode_attention_bf16
+        self._attn.restype = None
+        self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, n_in = x.shape
@@ -56,6 +61,24 @@ class Bf16Kernel:
                  buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
         return y if dtype == torch.bfloat16 else y.to(dtype)
 
+    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+        """q [B, H, D], k/v [B, Hkv, T, D] (bf16, last dim contiguous), mask additive fp32 [B, H, T] (strides 0
+        where broadcast) or None -> [B, H, D] bf16. The caller (attention.py) checks shapes and dtypes."""
+        B, H, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        out = torch.empty(B, H, D, dtype=torch.bfloat16)
+        scores = torch.empty(B * H * T, dtype=torch.float32)
+        q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0)) for t in (q, k, v, mask))
+        self._attn(q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
+                   mask.data_ptr() if mask is not None else None, m_st,
+                   out.data_ptr(), scores.data_ptr(), B, H, Hkv, T, D, scale, torch.get_num_threads())
+        return out
+
+
+def _longs(values) -> ctypes.Array:
+    return (ctypes.c_long * len(values))(*values)
+
 
 def cache_dir() -> Path:
     root = os.environ.get("CPU_ARENA_KERNEL_CACHE")
@@ -73,18 +96,18 @@ def build(out_dir: Path | None = None) -> Path:
     cc = compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"bf16_linear-{digest}.so"
+    lib = out_dir / f"bf16_kernels-{digest}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-800:]}")
+            raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in SOURCES)}: {done.stderr.strip()[-800:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
