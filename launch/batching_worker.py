@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launch.batching.cores import lease_from_env
 from launch.batching.engine import Chunk
+from launch.batching.hugepages import collapse_model
 from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
@@ -73,6 +74,9 @@ def _base_worker_class():
             if args.prepack:
                 print(f"batching worker: {prepack_linears(self.model)} linear layers on "
                       f"{linear_backend(self.model.dtype)}", flush=True)
+                huge, why = collapse_model(self.model)
+                print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"
+                      f"{f' ({why})' if why else ''}", flush=True)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.context_len = get_context_length(self.model.config)

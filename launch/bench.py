@@ -124,6 +124,7 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
 def run_shape(args: argparse.Namespace) -> int:
     import torch
 
+    from launch.batching.hugepages import collapse_model
     from launch.batching.kernels import linear_backend, prepack_linears
     from launch.bench_raw import bandwidth_samples, build_shape_model, param_bytes, raw_decode
 
@@ -135,6 +136,8 @@ def run_shape(args: argparse.Namespace) -> int:
     total, emb, tied = param_bytes(model)
     # As the batching worker would serve it (launch/batching/kernels.py).
     kernels = linear_backend(torch.bfloat16) if prepack_linears(model) else "PyTorch's kernels"
+    huge, why = collapse_model(model)
+    kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}"
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
     ids = torch.randint(0, 1000, (1, 64))
