@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,7 +127,7 @@ def run_shape(args: argparse.Namespace) -> int:
 
     from launch.batching.hugepages import collapse_model
     from launch.batching.kernels import linear_backend, prepack_linears
-    from launch.bench_raw import bandwidth_samples, build_shape_model, param_bytes, raw_decode
+    from launch.bench_raw import bandwidth_samples, build_shape_model, param_bytes, probe_name, raw_decode
 
     n = cpu_count()
     torch.set_num_threads(n)
@@ -141,20 +142,32 @@ def run_shape(args: argparse.Namespace) -> int:
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
     ids = torch.randint(0, 1000, (1, 64))
-    # The VM's bandwidth drifts by tens of percent within minutes: measured right before and right
-    # after the decode runs, and the roofline taken from all of it.
-    samples = bandwidth_samples(n)
-    rate, ttft = raw_decode(model, ids, tokens, repeats)
-    bw = Stat.of(samples + bandwidth_samples(n))
+    # This VM's bandwidth drifts by tens of percent within minutes, so every decode repeat is paired
+    # with probes right before and after it, and the fraction is the median of the pairs.
+    raw_decode(model, ids, 2, 1, warm=False)  # warm-up
+    rates, ttfts, bws, fractions = [], [], [], []
+    for _ in range(repeats):
+        around = bandwidth_samples(n, repeats=3)
+        rate, ttft = raw_decode(model, ids, tokens, 1, warm=False)
+        around += bandwidth_samples(n, repeats=3)
+        here = statistics.median(around)
+        rates.append(rate.median)
+        ttfts.append(ttft.median)
+        bws += around
+        fractions.append(rate.median / roofline_tokens_per_s(here, per_token))
+    rate, ttft, bw, fraction = Stat.of(rates), Stat.of(ttfts), Stat.of(bws), Stat.of(fractions)
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1)
     out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
-           "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
-           "roofline_fraction": {args.shape: rate.median / roof}, "batch4_aggregate_tokens_per_s": rate4.__dict__}
+           "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
+           "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_per_repeat": fractions,
+           "decode_tokens_per_s_per_repeat": rates,
+           "batch4_aggregate_tokens_per_s": rate4.__dict__}
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
           f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
-          f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {rate.median / roof:.0%} of it; "
+          f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {fraction.fmt(2)} of the roofline "
+          f"(each repeat against the bandwidth measured around it); "
           f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
     _write_json(args, out)
     return 0
@@ -238,7 +251,7 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
     import torch
 
     from launch.bench_api import aggregate_tps, api_decode, shared_decode
-    from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, raw_decode, threads
+    from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
 
     state = read_state(stack_cfg.run_dir())
     worker_pids = {s.model: s.pid for s in state.services.values() if s.model} if state else {}
@@ -249,7 +262,7 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
     bw_all = bandwidth_bytes_per_s(cpu_count(), repeats=repeats + 2)
     load_start = os.getloadavg()
     machine = {"cores": cpu_count(), "bandwidth_gbs": bw.median / 1e9, "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9],
-               "bandwidth_threads": bw_threads, "bandwidth_all_gbs": bw_all.median / 1e9, "torch": torch.__version__}
+               "bandwidth_threads": bw_threads, "bandwidth_probe": probe_name(), "bandwidth_all_gbs": bw_all.median / 1e9, "torch": torch.__version__}
     for name in names:
         m = stack_cfg.model(name)
         n_threads = stack_cfg.threads(m)

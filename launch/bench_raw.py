@@ -30,19 +30,28 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
 
 def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[float]:
     from launch.batching.hugepages import collapse
+    from launch.batching.native import bf16_kernel
 
     x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
     # On 2 MB pages where the kernel allows, like the served weights (hugepages.py): the memory's
     # limit, not the TLB's (4 kB pages read ~12% slower here).
     collapse([x])
+    native = bf16_kernel()[0]
+    read = native.read_probe if native is not None else torch.sum  # see read_probe.c for why
     with threads(n_threads):
-        x.sum()  # warm: page faults and thread pool start
+        read(x)  # warm: page faults and thread pool start
         rates = []
         for _ in range(repeats):
             t = time.perf_counter()
-            x.sum()
+            read(x)
             rates.append(x.numel() * 4 / (time.perf_counter() - t))
     return rates
+
+
+def probe_name() -> str:
+    from launch.batching.native import bf16_kernel
+
+    return "read_probe.c, 8 streams per thread" if bf16_kernel()[0] is not None else "torch fp32 sum"
 
 
 def param_bytes(model) -> tuple[int, int, bool]:
@@ -55,14 +64,15 @@ def param_bytes(model) -> tuple[int, int, bool]:
 
 
 @torch.inference_mode()
-def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int) -> tuple[Stat, Stat]:
+def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, warm: bool = True) -> tuple[Stat, Stat]:
     """(decode tokens/s, time to first token) of `generate`, greedy, batch = input_ids rows.
 
     TTFT is a 1-token generate; decode speed is (N-1) tokens over the difference between an
     N-token and a 1-token generate, so the prefill is not counted as decoding.
     """
     kw = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(input_ids)}
-    model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    if warm:
+        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kw)
     ttfts, rates = [], []
     for _ in range(repeats):
         t = time.perf_counter()

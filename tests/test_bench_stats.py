@@ -75,3 +75,39 @@ def test_table_mentions_every_figure(report):
     text = table([report], {"bandwidth_gbs": 22.0, "bandwidth_all_gbs": 25.0, "bandwidth_threads": 2, "cores": 2}, 61.0)
     for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 54.0 tok/s (x3.00)", "0.49 of solo", "make up: 61 s"):
         assert needle in text
+
+
+def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, monkeypatch):
+    """run_shape end to end on a tiny bf16 stand-in (the real one needs 16 GB and minutes)."""
+    import itertools
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from launch import bench, bench_raw
+
+    def tiny(shape):
+        torch.manual_seed(0)
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=False)
+        return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+    # The probe reads 1, 2, 3... GB/s in turn: each repeat must be judged against its own neighbours.
+    speeds = itertools.count(1)
+    monkeypatch.setattr(bench_raw, "build_shape_model", tiny)
+    monkeypatch.setattr(bench_raw, "bandwidth_samples",
+                        lambda n, mb=512, repeats=5: [next(speeds) * 1e9 for _ in range(repeats)])
+    out_path = tmp_path / "shape.json"
+    args = bench.parse_args(["--shape", "qwen-7b", "--tokens", "3", "--repeats", "2", "--json", str(out_path),
+                             "--no-plot"])
+    assert bench.run_shape(args) == 0
+    out = json.loads(out_path.read_text())
+    per_token = out["bytes_read_per_token"]
+    assert len(out["roofline_fraction_per_repeat"]) == 2
+    # Repeat 1 sat between probes reading 1..6 GB/s (median 3.5), repeat 2 between 7..12 (9.5).
+    for fraction, rate, bw in zip(out["roofline_fraction_per_repeat"], out["decode_tokens_per_s_per_repeat"],
+                                  (3.5e9, 9.5e9), strict=True):
+        assert fraction == pytest.approx(rate / roofline_tokens_per_s(bw, per_token))
+    assert out["bandwidth_gbs"] == pytest.approx(6.5)  # median of all twelve probes
+    assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(sum(out["roofline_fraction_per_repeat"]) / 2)
+    assert out["batch4_aggregate_tokens_per_s"]["median"] > 0

@@ -250,3 +250,12 @@ def test_installing_twice_wraps_once():
     finally:
         attention.uninstall()
     assert torch.nn.functional.scaled_dot_product_attention is attention._original
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [0, 5, (1 << 18) + 3, 3 << 20])  # below one block, a block plus a tail, many
+def test_read_probe_reads_every_element(n):
+    x = torch.arange(n, dtype=torch.float32) % 7  # small integers: the sum is exact in fp32 per lane
+    assert KERNEL.read_probe(x) == pytest.approx(float(x.double().sum()), rel=1e-6)
+    with pytest.raises(ValueError):
+        KERNEL.read_probe(x.double())

@@ -22,7 +22,7 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 
 from launch.hardware import cpu_flags
 
-SOURCES = (Path(__file__).with_name("bf16_linear.c"), Path(__file__).with_name("bf16_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("bf16_linear.c", "bf16_attention.c", "read_probe.c"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -43,6 +43,9 @@ class Bf16Kernel:
         self._attn = lib.decode_attention_bf16
         self._attn.restype = None
         self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+        self._probe = lib.read_probe
+        self._probe.restype = ctypes.c_float
+        self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, n_in = x.shape
@@ -60,6 +63,12 @@ class Bf16Kernel:
         self._fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
                  buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
         return y if dtype == torch.bfloat16 else y.to(dtype)
+
+    def read_probe(self, a: torch.Tensor) -> float:
+        """Sum of a contiguous fp32 tensor, read as the bench's bandwidth probe (read_probe.c)."""
+        if a.dtype != torch.float32 or not a.is_contiguous():
+            raise ValueError("read_probe needs a contiguous fp32 tensor")
+        return self._probe(a.data_ptr(), a.numel(), torch.get_num_threads())
 
     def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                          scale: float) -> torch.Tensor:
