@@ -1,4 +1,5 @@
-"""Build (once, with the system's C compiler) and load the bf16 kernels (bf16_linear.c, bf16_attention.c).
+"""Build (once, with the system's C compiler) and load the C kernels: bf16_linear.c and bf16_attention.c
+(served bf16 models on CPUs without bf16 units), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
