@@ -84,6 +84,19 @@ def test_build_compiles_once_then_reuses_the_library(tmp_path, monkeypatch):
     assert native.build(tmp_path) == lib
 
 
+def test_a_changed_header_builds_a_new_library(tmp_path, monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C compiler")
+    first = native.build(tmp_path)
+    header = tmp_path / "bf16_simd.h"
+    header.write_text(native.HEADERS[0].read_text() + "/* changed */\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: type("Done", (), {"returncode": 1, "stderr": "x"}))
+    with pytest.raises(RuntimeError):  # not served from the cache: it tried to compile again
+        native.build(tmp_path)
+    assert first.exists()
+
+
 def test_build_without_a_compiler_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "no-such-cc")
     with pytest.raises(RuntimeError, match="no-such-cc"):

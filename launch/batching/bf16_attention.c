@@ -9,33 +9,8 @@
  * strides (0 where broadcast), or NULL. out: [B, H, D] bf16, contiguous. scores: B * H * T floats.
  * Scores, softmax and the weighted sum are fp32; the output is rounded once.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
-
-static inline __m256 load8_bf16(const uint16_t *p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
-    return v.f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
+#include "bf16_simd.h"
 
 void decode_attention_bf16(const uint16_t *q, const long *q_strides, const uint16_t *k, const long *k_strides,
                            const uint16_t *v, const long *v_strides, const float *mask, const long *mask_strides,

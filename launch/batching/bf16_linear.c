@@ -1,40 +1,24 @@
-/* y = x @ w.T for a bf16 weight on CPUs with AVX2 + FMA but no bf16 units (built by native.py).
+/* y = x @ w.T (+ bias) for a bf16 weight on CPUs with AVX2 + FMA but no bf16 units (built by native.py).
  *
  * Why: there PyTorch runs a bf16 linear on generic kernels: one row reads a 7B-shaped weight at
  * ~11 GB/s where a plain read of memory gives ~20, every further row costs about one more row (4
- * rows: 2.8x the time of one), and a 64-token prompt runs at ~19 GFLOP/s. A bf16 weight widens to fp32 with one shift (bf16 is the top half of an fp32), so
- * this kernel reads each weight once from memory, widens it in registers, and multiplies it with
- * up to XTILE input rows while it is in cache. Accumulation is fp32, like PyTorch's.
+ * rows: 2.8x the time of one), and a 64-token prompt runs at ~19 GFLOP/s. A bf16 weight widens to
+ * fp32 with one shift, so this kernel reads each weight once from memory, widens it in registers,
+ * and multiplies it with up to XTILE input rows while it is in cache. Accumulation is fp32, like
+ * PyTorch's.
  *
  * Every output element is computed by the same instructions in the same order whatever the number
  * of rows, so a row's result does not depend on the rows batched with it (the batching worker's
  * "batched equals single" rests on that).
  *
- * w: [n_out, n_in] bf16 (as uint16), row-major; x: [rows, n_in] fp32; y: [rows, n_out] fp32.
+ * w: [n_out, n_in], x: [rows, n_in], bias: [n_out] or NULL, y: [rows, n_out], all bf16 (as uint16),
+ * row-major; buf: XTILE * n_in floats of scratch.
  */
-#include <immintrin.h>
-#include <stdint.h>
+#include "bf16_simd.h"
 
 /* Input rows multiplied per pass over the weight: 16 rows of a 4096-wide input (256 kB fp32) stay
  * in L2 while the weight streams by. More rows read the weight again, once per 16 rows. */
 #define XTILE 16
-
-static inline __m256 load8_bf16(const uint16_t *p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
-    return v.f;
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 
 /* 4 weight rows times 2 input rows: 8 accumulators, 4 widened weights and 2 inputs in 16 registers.
  * y1 == NULL: one input row (x1 is then x0 again and its sums are dropped). */
@@ -97,13 +81,6 @@ static float dot1(const uint16_t *w, int n, const float *x) {
     for (; i < n; i++)
         r += bf16_to_float(w[i]) * x[i];
     return r;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    union { float f; uint32_t u; } v = { f };
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;  /* NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* x, bias and y are bf16 like the model's activations; the inputs are widened to fp32 once per pass

@@ -24,6 +24,7 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 from launch.hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("bf16_linear.c", "bf16_attention.c", "read_probe.c"))
+HEADERS = (Path(__file__).with_name("bf16_simd.h"),)
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -106,7 +107,8 @@ def build(out_dir: Path | None = None) -> Path:
     cc = compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + " ".join(FLAGS).encode()
+    digest = hashlib.sha256(text).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"bf16_kernels-{digest}.so"
     if lib.exists():
