@@ -30,14 +30,7 @@ void decode_attention_bf16(const uint16_t *q, const long *q_strides, const uint1
             qf[d] = bf16_to_float(qp[d]) * scale;
         float top = -INFINITY;
         for (int t = 0; t < T; t++) {
-            const uint16_t *kt = kp + t * k_strides[2];
-            __m256 a = _mm256_setzero_ps();
-            int d = 0;
-            for (; d + 8 <= D; d += 8)
-                a = _mm256_fmadd_ps(load8_bf16(kt + d), _mm256_loadu_ps(qf + d), a);
-            float r = hsum(a);
-            for (; d < D; d++)
-                r += bf16_to_float(kt[d]) * qf[d];
+            float r = dot_bf16(kp + t * k_strides[2], D, qf);
             if (mp)
                 r += mp[t * mask_strides[2]];
             s[t] = r;

@@ -71,18 +71,6 @@ static void block8x1(const uint16_t *w, long ld, int n, const float *x, float *y
     }
 }
 
-/* The weight rows left over after the blocks. */
-static float dot1(const uint16_t *w, int n, const float *x) {
-    __m256 a = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load8_bf16(w + i), _mm256_loadu_ps(x + i), a);
-    float r = hsum(a);
-    for (; i < n; i++)
-        r += bf16_to_float(w[i]) * x[i];
-    return r;
-}
-
 /* x, bias and y are bf16 like the model's activations; the inputs are widened to fp32 once per pass
  * (into buf: XTILE * n_in floats from the caller) and every output is rounded once, after the bias.
  * Threads: the caller's count (torch.get_num_threads() on the calling thread), on the OpenMP runtime
@@ -100,7 +88,7 @@ void linear_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uin
             if (b == blocks) {  /* the last n_out % per_block weight rows, one at a time */
                 for (int o = per_block * blocks; o < n_out; o++)
                     for (int m = m0; m < m1; m++) {
-                        float r = dot1(w + (long)o * n_in, n_in, buf + (long)(m - m0) * n_in);
+                        float r = dot_bf16(w + (long)o * n_in, n_in, buf + (long)(m - m0) * n_in);
                         y[(long)m * n_out + o] = float_to_bf16(bias ? r + bf16_to_float(bias[o]) : r);
                     }
                 continue;

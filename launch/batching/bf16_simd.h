@@ -30,4 +30,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* sum_i w[i] * x[i] in fp32: 8 lanes, then the tail. The linear kernel's blocks compute each of their
+ * outputs by this same sequence, so it does not matter which one computed a row. */
+static inline float dot_bf16(const uint16_t *w, int n, const float *x) {
+    __m256 a = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_fmadd_ps(load8_bf16(w + i), _mm256_loadu_ps(x + i), a);
+    float r = hsum(a);
+    for (; i < n; i++)
+        r += bf16_to_float(w[i]) * x[i];
+    return r;
+}
+
 #endif
