@@ -249,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=None,
                    help="rows decoded together (default: the model's max_batch in the config, else 8)")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                   help="linear layers on oneDNN prepacked weights (default: the model's prepack_weights, "
+                   help="linear layers on the AVX2 kernel or oneDNN packed weights (default: the model's prepack_weights, "
                         "else yes; launch/batching/kernels.py)")
     p.add_argument("--no-register", action="store_true")
     # Accept (and ignore) the stock worker's other options so the command lines are interchangeable.

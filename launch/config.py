@@ -88,7 +88,7 @@ class ModelConfig(_Strict):
     # Requests waiting beyond this answer 429 instead of queueing without bound.
     max_queue: int = Field(16, ge=1)
     max_batch: int = Field(8, ge=1)
-    # Batching worker: linear layers on oneDNN prepacked weights (launch/batching/kernels.py).
+    # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (launch/batching/kernels.py).
     prepack_weights: bool = True
     # Conversation template override; normally the adapter detects it from the checkpoint.
     conv_template: str | None = None

@@ -1,5 +1,5 @@
-"""The AVX2 bf16 linear kernel (launch/batching/bf16_linear.c): same results as PyTorch's bf16 linear,
-rows independent of each other, built once, and a clear reason where it cannot be used."""
+"""The AVX2 linear kernel (launch/batching/linear.c, bf16 and fp32 weights): same results as PyTorch's
+linear, rows independent of each other, built once, and a clear reason where it cannot be used."""
 
 from __future__ import annotations
 
@@ -35,11 +35,30 @@ def test_kernel_matches_torch_bf16_linear(n_out, n_in, rows, bias):
 
 
 @needs_kernel
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+@pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (13, 96), (64, 1003), (130, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_torch_fp32_linear(n_out, n_in, rows, bias):
+    torch.manual_seed(n_out * 1000 + n_in + rows)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    x = torch.randn(rows, n_in)
+    with torch.inference_mode():
+        want = lin(x)
+        got = KERNEL(x, lin.weight, lin.bias)
+        exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # fp32 accumulation in another order than MKL's: as close to the exact result, within rounding.
+    assert (got.double() - exact).abs().max() <= 4 * (want.double() - exact).abs().max() + 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
     """The batching worker's batched == single rests on this: bitwise, for every batch size."""
     torch.manual_seed(0)
-    w = torch.randn(37, 200).to(torch.bfloat16)
-    x = torch.randn(35, 200).to(torch.bfloat16)
+    w = torch.randn(37, 200).to(dtype)
+    x = torch.randn(35, 200).to(dtype)
     alone = torch.cat([KERNEL(x[i:i + 1], w, None) for i in range(len(x))])
     for rows in (2, 3, 16, 17, 35):
         assert torch.equal(KERNEL(x[:rows], w, None), alone[:rows])
@@ -67,8 +86,10 @@ def test_kernel_runs_on_the_calling_threads_count_in_torchs_openmp_runtime():
 def test_a_wrong_weight_is_refused_with_its_dtype_and_shape():
     if KERNEL is None:
         pytest.skip(WHY)
-    with pytest.raises(ValueError, match="float32"):
-        KERNEL(torch.randn(1, 8).to(torch.bfloat16), torch.randn(4, 8), None)
+    with pytest.raises(ValueError, match="float16"):
+        KERNEL(torch.randn(1, 8), torch.randn(4, 8).to(torch.float16), None)
+    with pytest.raises(ValueError, match=r"\(4, 9\)"):
+        KERNEL(torch.randn(1, 8), torch.randn(4, 9), None)
 
 
 def test_build_compiles_once_then_reuses_the_library(tmp_path, monkeypatch):
@@ -139,7 +160,7 @@ def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatc
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: nothing copied
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
-    assert kernels.linear_backend(torch.bfloat16) == "the AVX2 bf16 kernel"
+    assert kernels.linear_backend(torch.bfloat16) == "the AVX2 kernel (linear.c)"
     assert kernels.batch_rows_limit(torch.bfloat16) == (None, "")  # rows are cheap again
 
 

@@ -1,4 +1,5 @@
-"""oneDNN prepacked linears compute what nn.Linear computes, for one row, several rows and a prompt."""
+"""Linears on either backend (oneDNN packed weights, the AVX2 kernel) compute what nn.Linear computes,
+for one row, several rows and a prompt; projections of one input share a matmul; memory is not doubled."""
 
 from __future__ import annotations
 
@@ -6,22 +7,49 @@ import pytest
 import torch
 from torch import nn
 
-from launch.batching.kernels import PackedLinear, can_prepack, prepack_linears
+from launch.batching import kernels
+from launch.batching.kernels import ONEDNN, KernelLinear, can_prepack, choose_backend, prepack_linears
+from launch.batching.native import bf16_kernel
 
-pytestmark = pytest.mark.skipif(can_prepack(torch.float32) is not None, reason="no oneDNN in this torch")
+KERNEL, WHY = bf16_kernel()
+BACKENDS = [
+    pytest.param(ONEDNN, id="onednn",
+                 marks=pytest.mark.skipif(can_prepack(torch.float32) is not None, reason="no oneDNN in this torch")),
+    pytest.param(kernels._kernel_backend(KERNEL) if KERNEL else None, id="avx2",
+                 marks=pytest.mark.skipif(KERNEL is None, reason=f"no AVX2 kernel: {WHY}")),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Each test below runs on both backends: prepack_linears is made to choose this one for fp32."""
+    chosen = request.param
+    monkeypatch.setattr(kernels, "choose_backend",
+                        lambda dtype: (chosen, "") if dtype == torch.float32 else choose_backend(dtype))
+    return chosen
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 96), (4, 1, 96), (2, 17, 96), (5, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_matches_linear(shape, bias):
+def test_kernel_linear_matches_linear(backend, shape, bias):
     torch.manual_seed(0)
     lin = nn.Linear(96, 160, bias=bias).eval()
     x = torch.randn(*shape)
     with torch.inference_mode():
         want = lin(x)
-        got = PackedLinear(lin)(x)
+        got = KernelLinear(lin, backend)(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_goes_to_the_avx2_kernel_where_there_is_one():
+    backend, why = choose_backend(torch.float32)
+    if KERNEL is not None:
+        assert backend is not None and not backend.copies and "AVX2" in backend.name
+    elif can_prepack(torch.float32) is None:
+        assert backend is ONEDNN
+    else:
+        assert backend is None and why
 
 
 class _Tiny(nn.Module):
@@ -36,7 +64,7 @@ class _Tiny(nn.Module):
         return self.head(self.body(self.emb(ids)))
 
 
-def test_prepack_replaces_every_linear_and_keeps_the_output():
+def test_prepack_replaces_every_linear_and_keeps_the_output(backend):
     torch.manual_seed(0)
     model = _Tiny().eval()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -48,18 +76,17 @@ def test_prepack_replaces_every_linear_and_keeps_the_output():
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert model.emb.weight.shape == (50, 32)  # the tied embedding keeps its plain weight
+    if not backend.copies:
+        assert model.head.weight is model.emb.weight  # and stays tied: nothing copied
 
 
 def test_bf16_goes_to_onednn_where_it_has_bf16_kernels_else_to_the_avx2_kernel():
-    from launch.batching.kernels import Bf16Linear
-    from launch.batching.native import bf16_kernel
-
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     n = prepack_linears(model)
     if can_prepack(torch.bfloat16) is None:
-        assert n == 1 and type(model[0]) is PackedLinear
-    elif bf16_kernel()[0] is not None:
-        assert n == 1 and type(model[0]) is Bf16Linear
+        assert n == 1 and model[0].backend is ONEDNN
+    elif KERNEL is not None:
+        assert n == 1 and type(model[0]) is KernelLinear and not model[0].backend.copies
     else:
         assert n == 0
 
@@ -71,7 +98,7 @@ def _rss_kb() -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_prepacking_does_not_keep_both_copies():
+def test_prepacking_does_not_keep_both_copies(backend):
     """The plain weights are freed and handed back to the OS: RSS grows by far less than the weights."""
     torch.manual_seed(0)
     # Freeing one big block raises glibc's mmap threshold, so the weights below land on the heap,
@@ -94,7 +121,7 @@ def _tiny_qwen2():
     return Qwen2ForCausalLM(config).eval()  # q/k/v with biases, grouped k/v heads, a tied output
 
 
-def test_projections_of_one_input_share_one_matmul_and_compute_the_same():
+def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend):
     from launch.batching.kernels import SharedInputLinear
 
     model = _tiny_qwen2()
@@ -114,7 +141,7 @@ def test_projections_of_one_input_share_one_matmul_and_compute_the_same():
     assert layer.self_attn.q_proj.group._outputs == ()  # nothing held between forward passes
 
 
-def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_output():
+def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_output(backend):
     lins = [nn.Linear(16, n) for n in (8, 4)]
     parent = nn.Module()
     parent.gate_proj, parent.up_proj = lins

@@ -1,4 +1,4 @@
-/* bf16 <-> fp32 and AVX2 helpers shared by the kernels (bf16_linear.c, bf16_attention.c).
+/* bf16 <-> fp32 and AVX2 helpers shared by the kernels (linear.c, bf16_attention.c).
  * bf16 is the top half of an fp32, so widening is a 16-bit shift and narrowing is a rounding. */
 #ifndef CPU_ARENA_BF16_SIMD_H
 #define CPU_ARENA_BF16_SIMD_H
@@ -30,17 +30,24 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float f32_to_float(float f) { return f; }
+
 /* sum_i w[i] * x[i] in fp32: 8 lanes, then the tail. The linear kernel's blocks compute each of their
- * outputs by this same sequence, so it does not matter which one computed a row. */
-static inline float dot_bf16(const uint16_t *w, int n, const float *x) {
-    __m256 a = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load8_bf16(w + i), _mm256_loadu_ps(x + i), a);
-    float r = hsum(a);
-    for (; i < n; i++)
-        r += bf16_to_float(w[i]) * x[i];
-    return r;
-}
+ * outputs by this same sequence, so it does not matter which one computed a row. One definition per
+ * weight type (W, its 8-lane load, its scalar widening). */
+#define DEFINE_DOT(name, W, LOAD8, WTOF)                                   \
+    static inline float name(const W *w, int n, const float *x) {          \
+        __m256 a = _mm256_setzero_ps();                                    \
+        int i = 0;                                                         \
+        for (; i + 8 <= n; i += 8)                                         \
+            a = _mm256_fmadd_ps(LOAD8(w + i), _mm256_loadu_ps(x + i), a);  \
+        float r = hsum(a);                                                 \
+        for (; i < n; i++)                                                 \
+            r += WTOF(w[i]) * x[i];                                        \
+        return r;                                                          \
+    }
+
+DEFINE_DOT(dot_bf16, uint16_t, load8_bf16, bf16_to_float)
+DEFINE_DOT(dot_f32, float, _mm256_loadu_ps, f32_to_float)
 
 #endif

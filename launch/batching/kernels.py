@@ -1,19 +1,21 @@
-"""Linear layers on oneDNN with prepacked weights, so a decode step with several rows costs about one row.
+"""Linear layers on kernels that read each weight once per decode step, however many rows it has.
 
 Why: PyTorch's CPU `F.linear` goes to MKL's sgemm. On this project's reference machine (AMD EPYC,
-AVX2) MKL multiplies one row at memory speed but 2-8 rows at 2-3x the time of one row, so a
-continuous batch of 4 gained little (SmolLM2 step: 87 ms at 1 row, 167 ms at 4, one thread).
-oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`,
-the same kernel inductor's freezing pass uses for bf16) reads the weights once for all rows:
-83 ms at 1 row and 105 ms at 4 rows with 2 threads (`python -m launch bench` measures it end to
-end). The packed copy replaces the module's weight, so the memory stays the same, except where
-the output projection shares its weight with the input embedding (tied): the embedding keeps
-the plain tensor and the packed copy is extra.
+AVX2) MKL multiplies one row at a third of memory speed and 2-8 rows at 2-3x the time of one row, so a
+continuous batch of 4 gained little. Two backends fix that, chosen per dtype by `choose_backend`:
 
-bf16 on a CPU without bf16 units (no AVX512_BF16/AMX, so oneDNN has no bf16 kernels) runs on a small
-AVX2 kernel instead (bf16_linear.c, built by native.py): batch 1 at memory speed, and several rows
-for little more than one; one decode token's attention goes to bf16_attention.c (attention.py).
+- The AVX2 kernel (linear.c, built by native.py) for fp32, and for bf16 on a CPU without bf16 units
+  (no AVX512_BF16/AMX: oneDNN has no bf16 kernels there). It reads the module's own weight, so nothing
+  is copied and a tied output projection stays tied. Qwen2.5-0.5B fp32 decode step, 2 threads: 219 ms
+  with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 -> 210 ms). For bf16, one decode
+  token's attention goes to bf16_attention.c as well (attention.py).
+- oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
+  kernel inductor's freezing pass uses): bf16 where the CPU has bf16 units, and fp32 where the AVX2
+  kernel is not available (no compiler, no AVX2). The packed copy replaces the module's weight, except
+  where the output projection shares its weight with the input embedding (tied): the embedding keeps
+  the plain tensor and the packed copy is extra.
 
+Projections of one input (q/k/v, gate/up) share one matmul on either backend (_SharedInput).
 The model's `prepack_weights = false` in the config (or the worker's `--no-prepack`) keeps stock linears,
 for comparison.
 """
@@ -24,6 +26,8 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,31 +37,36 @@ from launch.batching.native import bf16_kernel
 log = logging.getLogger("batching")
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class LinearBackend:
+    """How linears of one dtype are computed here: `run(x, operand, bias)` where operand is
+    `pack(weight)`; `copies` when that is a new tensor (the plain weight can go)."""
+
+    name: str
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    copies: bool
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight reordered once into oneDNN's blocked layout (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # "none", [], "": no activation fused after the matmul.
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class PackedLinear(nn.Module):
-    """`nn.Linear` computed by oneDNN from a weight packed once at load time."""
+ONEDNN = LinearBackend("oneDNN packed weights", _onednn_pack, _onednn_run, copies=True)
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # A plain attribute, not a Parameter: an opaque oneDNN tensor has no place in a state dict.
-        self.packed = _pack(linear.weight.detach())
-        self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _packed_linear(x, self.packed, self.bias)
+def _kernel_backend(kernel) -> LinearBackend:
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = kernel(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn_packed=True"
+    return LinearBackend("the AVX2 kernel (linear.c)", torch.Tensor.contiguous, run, copies=False)
 
 
 def can_prepack(dtype: torch.dtype) -> str | None:
@@ -73,38 +82,62 @@ def can_prepack(dtype: torch.dtype) -> str | None:
     return f"oneDNN linears are not used for {dtype}"
 
 
-class Bf16Linear(nn.Module):
-    """`nn.Linear` on a bf16 weight, computed by the AVX2 kernel; the weight is the module's own (no copy)."""
+def choose_backend(dtype: torch.dtype) -> tuple[LinearBackend | None, str]:
+    """(the backend for linears of this dtype here, "") or (None, why they stay on PyTorch's kernels).
 
-    def __init__(self, linear: nn.Linear, kernel):
+    bf16: oneDNN where the CPU has bf16 units (AMX/AVX512_BF16 run far beyond what AVX2 widening can),
+    else the AVX2 kernel. fp32: the AVX2 kernel (measured faster than oneDNN at 1-8 rows, see above),
+    else oneDNN.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None, f"no faster linears for {dtype}"
+    onednn_why = can_prepack(dtype)
+    if dtype == torch.bfloat16 and onednn_why is None:
+        return ONEDNN, ""
+    kernel, kernel_why = bf16_kernel()
+    if kernel is not None:
+        return _kernel_backend(kernel), ""
+    if onednn_why is None:
+        return ONEDNN, ""
+    return None, f"{onednn_why}; {kernel_why}"
+
+
+class KernelLinear(nn.Module):
+    """`nn.Linear` computed by a LinearBackend. Where the backend reads the plain weight, the module
+    keeps the same Parameter (a tied embedding stays tied, nothing is copied)."""
+
+    def __init__(self, linear: nn.Linear, backend: LinearBackend):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight  # the same Parameter: a tied embedding stays tied, nothing is copied
-        if not self.weight.is_contiguous():
-            self.weight = nn.Parameter(self.weight.detach().contiguous(), requires_grad=False)
+        self.backend = backend
+        if backend.copies:
+            # A plain attribute, not a Parameter: an opaque oneDNN tensor has no place in a state dict.
+            self.packed = backend.pack(linear.weight.detach())
+        else:
+            self.weight = linear.weight
+            if not self.weight.is_contiguous():
+                self.weight = nn.Parameter(backend.pack(self.weight.detach()), requires_grad=False)
         self.bias = linear.bias
-        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x.reshape(-1, self.in_features), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.backend.run(x, self.packed if self.backend.copies else self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel=bf16_linear.c"
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend.name!r}"
 
 
 class _SharedInput:
-    """One packed matmul for several projections of the same input (q/k/v, gate/up).
+    """One matmul for several projections of the same input (q/k/v, gate/up).
 
-    Why: each oneDNN call has a fixed cost (thread fork/join, setup), paid ~7 times per layer
+    Why: each kernel call has a fixed cost (thread fork/join, setup), paid ~7 times per layer
     per step; with small models it is a large part of a step. The attention and MLP blocks of
     Llama-family models call their projections one after the other on the same tensor, so the
     first call computes all of them at once and the others pick up their slice.
     """
 
-    def __init__(self, linears: list[nn.Linear]):
-        weight = torch.cat([lin.weight.detach() for lin in linears])
-        self.packed = _pack(weight)
+    def __init__(self, linears: list[nn.Linear], backend: LinearBackend):
+        self.backend = backend
+        self.weight = backend.pack(torch.cat([lin.weight.detach() for lin in linears]))
         biases = [lin.bias for lin in linears]
         self.bias = None
         if any(b is not None for b in biases):
@@ -117,7 +150,7 @@ class _SharedInput:
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._input or self._left == 0:
-            y = _packed_linear(x, self.packed, self.bias)
+            y = self.backend.run(x, self.weight, self.bias)
             self._input, self._outputs, self._left = x, y.split(self.sizes, dim=-1), len(self.sizes)
         out = self._outputs[index]
         self._left -= 1
@@ -145,7 +178,7 @@ class SharedInputLinear(nn.Module):
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype) -> int:
+def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype, backend: LinearBackend) -> int:
     n = 0
     for parent in list(model.modules()):
         for names in SHARED_INPUT_GROUPS:
@@ -154,7 +187,7 @@ def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype) -> int:
                 continue
             if len({lin.in_features for lin in linears}) != 1:
                 continue
-            group = _SharedInput(linears)
+            group = _SharedInput(linears, backend)
             for i, (name, lin) in enumerate(zip(names, linears, strict=True)):
                 setattr(parent, name, SharedInputLinear(group, i, lin))
             n += len(names)
@@ -169,56 +202,37 @@ def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
     at batch 1 and 0.70 tok/s in total at batch 4 on the reference machine (`python -m launch bench
     --shape qwen-7b`). There, requests are better served one after another.
     """
-    if dtype == torch.bfloat16 and can_prepack(dtype) is not None and bf16_kernel()[0] is None:
+    if dtype == torch.bfloat16 and choose_backend(dtype)[0] is None:
         return 1, "bf16 without bf16 units: several rows cost several times one row on this CPU"
     return None, ""
 
 
 def linear_backend(dtype: torch.dtype) -> str:
     """What prepack_linears puts a model of this dtype on, in words (worker log, bench JSON)."""
-    why_not = can_prepack(dtype)
-    if why_not is None:
-        return "oneDNN packed weights"
-    if dtype == torch.bfloat16:
-        kernel, why = bf16_kernel()
-        if kernel is not None:
-            return "the AVX2 bf16 kernel"
-        why_not = f"{why_not}; {why}"
-    return f"PyTorch's kernels ({why_not})"
+    backend, why = choose_backend(dtype)
+    return backend.name if backend else f"PyTorch's kernels ({why})"
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Replace every plain `nn.Linear` in `model` by a PackedLinear (projections of one input
-    share one packed matmul), or by a Bf16Linear for bf16 where oneDNN has no bf16 kernels;
-    returns how many were replaced."""
+    """Replace every plain `nn.Linear` of the model's dtype by a KernelLinear on the backend
+    `choose_backend` picks (projections of one input share one matmul); returns how many."""
     dtype = next(model.parameters()).dtype
-    why_not = can_prepack(dtype)
-    if why_not and dtype == torch.bfloat16 and bf16_kernel()[0] is not None:
-        return _use_bf16_kernel(model, bf16_kernel()[0])
-    if why_not:
+    backend, _ = choose_backend(dtype)
+    if backend is None:
         log.info("linears stay on %s", linear_backend(dtype))
         return 0
-    n = _fuse_shared_inputs(model, dtype)
+    if dtype == torch.bfloat16 and not backend.copies:
+        from launch.batching import attention
+
+        attention.install(bf16_kernel()[0])  # one decode token's attention too: torch's bf16 SDPA is slow here
+    n = _fuse_shared_inputs(model, dtype, backend)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             # Exact type: subclasses (quantized, LoRA...) compute something else.
             if type(child) is nn.Linear and child.weight.dtype == dtype:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, KernelLinear(child, backend))
                 n += 1
     _give_back_freed_memory()
-    return n
-
-
-def _use_bf16_kernel(model: nn.Module, kernel) -> int:
-    from launch.batching import attention
-
-    attention.install(kernel)  # one decode token's attention too: torch's bf16 SDPA is slow here
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
-                setattr(parent, name, Bf16Linear(child, kernel))
-                n += 1
     return n
 
 

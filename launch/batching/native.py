@@ -1,5 +1,5 @@
-"""Build (once, with the system's C compiler) and load the C kernels: bf16_linear.c and bf16_attention.c
-(served bf16 models on CPUs without bf16 units), read_probe.c (the bench's bandwidth probe).
+"""Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears),
+bf16_attention.c (served bf16 models on CPUs without bf16 units), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -23,25 +23,27 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 
 from launch.hardware import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("bf16_linear.c", "bf16_attention.c", "read_probe.c"))
-HEADERS = (Path(__file__).with_name("bf16_simd.h"),)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "bf16_attention.c", "read_probe.c"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "linear_blocks.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma")
-XTILE = 16  # input rows per pass over the weight, as in bf16_linear.c
+XTILE = 16  # input rows per pass over the weight, as in linear.c
 
 
 class Bf16Kernel:
-    """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 weight, in bf16;
-    `decode_attention` is one query's attention over a bf16 KV cache."""
+    """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 or fp32 weight, in the
+    weight's dtype; `decode_attention` is one query's attention over a bf16 KV cache."""
 
     def __init__(self, path: Path):
         self.path = path
         lib = ctypes.CDLL(str(path))
-        self._fn = lib.linear_bf16
-        self._fn.restype = None
-        self._fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        self._linear = {}
+        for dtype, name in ((torch.bfloat16, "linear_bf16"), (torch.float32, "linear_f32")):
+            fn = self._linear[dtype] = getattr(lib, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
         self._attn = lib.decode_attention_bf16
         self._attn.restype = None
         self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
@@ -52,19 +54,20 @@ class Bf16Kernel:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, n_in = x.shape
         n_out = weight.shape[0]
-        if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] != n_in:
-            raise ValueError(f"linear_bf16 needs a contiguous bf16 [{n_out}, {n_in}] weight, got "
+        fn = self._linear.get(weight.dtype)
+        if fn is None or not weight.is_contiguous() or weight.shape[1] != n_in:
+            raise ValueError(f"the linear kernel needs a contiguous bf16 or fp32 [{n_out}, {n_in}] weight, got "
                              f"{weight.dtype} {tuple(weight.shape)}")
-        dtype = x.dtype
-        x = x.to(torch.bfloat16).contiguous()
+        dtype, wdtype = x.dtype, weight.dtype
+        x = x.to(wdtype).contiguous()
         if bias is not None:
-            bias = bias.to(torch.bfloat16).contiguous()
-        y = torch.empty(rows, n_out, dtype=torch.bfloat16)
+            bias = bias.to(wdtype).contiguous()
+        y = torch.empty(rows, n_out, dtype=wdtype)
         buf = torch.empty(min(rows, XTILE) * n_in, dtype=torch.float32)  # the inputs widened to fp32
         # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
-        self._fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-                 buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
-        return y if dtype == torch.bfloat16 else y.to(dtype)
+        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+           buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
+        return y if dtype == wdtype else y.to(dtype)
 
     def read_probe(self, a: torch.Tensor) -> float:
         """Sum of a contiguous fp32 tensor, read as the bench's bandwidth probe (read_probe.c)."""
