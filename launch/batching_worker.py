@@ -32,6 +32,7 @@ from launch.batching.hugepages import collapse_model
 from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
+from launch.batching.thread import off_main_thread
 
 app = FastAPI()
 worker: BatchingWorker | None = None
@@ -67,16 +68,21 @@ def _base_worker_class():
             from fastchat.model.model_adapter import load_model
             from fastchat.utils import get_context_length, str_to_torch_dtype
 
-            self.model, self.tokenizer = load_model(
-                args.model_path, device="cpu", num_gpus=1, dtype=str_to_torch_dtype(args.dtype),
-            )
-            self.model.eval()
-            if args.prepack:
-                print(f"batching worker: {prepack_linears(self.model)} linear layers on "
-                      f"{linear_backend(self.model.dtype)}", flush=True)
-                huge, why = collapse_model(self.model)
-                print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"
-                      f"{f' ({why})' if why else ''}", flush=True)
+            def load():
+                model, tokenizer = load_model(
+                    args.model_path, device="cpu", num_gpus=1, dtype=str_to_torch_dtype(args.dtype),
+                )
+                model.eval()
+                if args.prepack:
+                    print(f"batching worker: {prepack_linears(model)} linear layers on "
+                          f"{linear_backend(model.dtype)}", flush=True)
+                    huge, why = collapse_model(model)
+                    print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"
+                          f"{f' ({why})' if why else ''}", flush=True)
+                return model, tokenizer
+
+            # Not on the main thread: its OpenMP pool would outlive the loading (launch/batching/thread.py).
+            self.model, self.tokenizer = off_main_thread(load)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.context_len = get_context_length(self.model.config)
