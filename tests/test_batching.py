@@ -266,3 +266,29 @@ def test_which_models_take_a_ready_mask(module, attn, extra, ready):
     model = model_class()
     model.config = SimpleNamespace(_attn_implementation=attn, **extra)
     assert takes_ready_mask(model) is ready
+
+
+def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
+    """queue_length (engine.load(), read by the HTTP thread) while a group joins the running batch: each
+    request is waiting or a row, never both. It read 7 for 4 requests when the rows were extended before
+    the group left `waiting` and the merged cache was built in between."""
+    from launch.batching import engine as engine_module
+
+    seen = []
+    build = engine_module.DynamicCache.from_legacy_cache
+
+    def watched(layers):
+        seen.append(engine.load())  # what a worker_get_status at this moment would report
+        return build(layers)
+
+    first, first_done, first_chunks = _submit(engine, PROMPTS[0], 40)
+    deadline = time.monotonic() + 60
+    while not first_chunks and time.monotonic() < deadline:  # decoding: the others join a running batch
+        time.sleep(0.01)
+    monkeypatch.setattr(engine_module.DynamicCache, "from_legacy_cache", watched)
+    late = [_submit(engine, p, 8) for p in PROMPTS[1:]]
+    for _, done, _ in late:
+        assert done.wait(120)
+    assert first_done.wait(120)
+    monkeypatch.undo()
+    assert seen and max(seen) <= len(PROMPTS), seen

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class BatchEngine(EngineThread):
         self.cache: DynamicCache | None = None
         self.steps = 0
         self._ready_mask = takes_ready_mask(model)
+        # Held while admitted requests move from `waiting` to `rows`, so that load(), read by the HTTP
+        # thread, counts each request once (it read 7 for 4 requests when it fell between the two).
+        self._moving = threading.Lock()
 
     # ---- public, any thread ----
     def submit(self, params: GenParams, sink: Callable[[Chunk], None]) -> Request:
@@ -106,7 +110,8 @@ class BatchEngine(EngineThread):
 
     def load(self) -> int:
         """Requests running or waiting: the queue_length FastChat's worker reports (running + waiting)."""
-        return len(self.rows) + len(self.waiting) + self.incoming.qsize()
+        with self._moving:
+            return len(self.rows) + len(self.waiting) + self.incoming.qsize()
 
     # ---- engine thread ----
     def _loop(self) -> None:
@@ -129,8 +134,8 @@ class BatchEngine(EngineThread):
                             log.exception("prefill failed")
                             for req in group:
                                 self._finish(req, None, error=f"{type(e).__name__}: {e}")
-                        finally:  # counted as waiting until they are rows, and never retried
-                            del waiting[:len(group)]
+                            with self._moving:  # never retried
+                                self._dequeue(group)
                         # Requests that came in during that prefill get theirs before the next step.
                         self._take_incoming(wait=False)
                     if self.rows:
@@ -206,8 +211,12 @@ class BatchEngine(EngineThread):
             if self._accept(row, token):
                 rows.append(row)
                 keep.append(i)
-        if rows:
-            self._join(rows, _select_rows(_legacy(out.past_key_values), keep, len(group)))
+        cache = self._merged_cache(_select_rows(_legacy(out.past_key_values), keep, len(group))) if rows else None
+        with self._moving:  # counted as waiting until they are rows
+            if rows:
+                self.rows.extend(rows)
+                self.cache = cache
+            self._dequeue(group)
 
     def _step(self) -> None:
         batch = len(self.rows)
@@ -275,11 +284,15 @@ class BatchEngine(EngineThread):
             req.cancel()
 
     # ---- the batched KV cache ----
-    def _join(self, rows: list[_Row], new: tuple) -> None:
-        """Append rows (their legacy-format cache `new`) to the running batch, left-padding the narrower side."""
+    def _dequeue(self, group: list[Request]) -> None:
+        ids = {id(r) for r in group}
+        self.waiting[:] = [r for r in self.waiting if id(r) not in ids]
+
+    def _merged_cache(self, new: tuple) -> DynamicCache:
+        """The running batch's cache with new rows (their legacy-format cache `new`) appended, the
+        narrower side left-padded. Builds a new cache; the running one is left as it is."""
         if self.cache is None:
-            self.rows, self.cache = rows, DynamicCache.from_legacy_cache(new)
-            return
+            return DynamicCache.from_legacy_cache(new)
         old = self.cache.to_legacy_cache()
         width = max(old[0][0].shape[-2], new[0][0].shape[-2])
         layers = []
@@ -288,8 +301,7 @@ class BatchEngine(EngineThread):
                 torch.cat([_left_pad(ko, width), _left_pad(kn, width)], dim=0),
                 torch.cat([_left_pad(vo, width), _left_pad(vn, width)], dim=0),
             ))
-        self.rows.extend(rows)
-        self.cache = DynamicCache.from_legacy_cache(tuple(layers))
+        return DynamicCache.from_legacy_cache(tuple(layers))
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
