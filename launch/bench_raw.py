@@ -30,13 +30,13 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
 
 def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[float]:
     from launch.batching.hugepages import collapse
-    from launch.batching.native import bf16_kernel
+    from launch.batching.native import native_kernel
 
     x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
     # On 2 MB pages where the kernel allows, like the served weights (hugepages.py): the memory's
     # limit, not the TLB's (4 kB pages read ~12% slower here).
     collapse([x])
-    native = bf16_kernel()[0]
+    native = native_kernel()[0]
     read = native.read_probe if native is not None else torch.sum  # see read_probe.c for why
     with threads(n_threads):
         read(x)  # warm: page faults and thread pool start
@@ -49,9 +49,9 @@ def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[f
 
 
 def probe_name() -> str:
-    from launch.batching.native import bf16_kernel
+    from launch.batching.native import native_kernel
 
-    return "read_probe.c, 8 streams per thread" if bf16_kernel()[0] is not None else "torch fp32 sum"
+    return "read_probe.c, 8 streams per thread" if native_kernel()[0] is not None else "torch fp32 sum"
 
 
 def param_bytes(model) -> tuple[int, int, bool]:

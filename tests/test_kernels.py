@@ -9,9 +9,9 @@ from torch import nn
 
 from launch.batching import kernels
 from launch.batching.kernels import ONEDNN, KernelLinear, can_prepack, choose_backend, prepack_linears
-from launch.batching.native import bf16_kernel
+from launch.batching.native import native_kernel
 
-KERNEL, WHY = bf16_kernel()
+KERNEL, WHY = native_kernel()
 BACKENDS = [
     pytest.param(ONEDNN, id="onednn",
                  marks=pytest.mark.skipif(can_prepack(torch.float32) is not None, reason="no oneDNN in this torch")),

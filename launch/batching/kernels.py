@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launch.batching.native import bf16_kernel
+from launch.batching.native import native_kernel
 
 log = logging.getLogger("batching")
 
@@ -94,7 +94,7 @@ def choose_backend(dtype: torch.dtype) -> tuple[LinearBackend | None, str]:
     onednn_why = can_prepack(dtype)
     if dtype == torch.bfloat16 and onednn_why is None:
         return ONEDNN, ""
-    kernel, kernel_why = bf16_kernel()
+    kernel, kernel_why = native_kernel()
     if kernel is not None:
         return _kernel_backend(kernel), ""
     if onednn_why is None:
@@ -224,7 +224,7 @@ def prepack_linears(model: nn.Module) -> int:
     if dtype == torch.bfloat16 and not backend.copies:
         from launch.batching import attention
 
-        attention.install(bf16_kernel()[0])  # one decode token's attention too: torch's bf16 SDPA is slow here
+        attention.install(native_kernel()[0])  # one decode token's attention too: torch's bf16 SDPA is slow here
     n = _fuse_shared_inputs(model, dtype, backend)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

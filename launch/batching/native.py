@@ -32,7 +32,7 @@ NEEDS = ("avx2", "fma")
 XTILE = 16  # input rows per pass over the weight, as in linear.c
 
 
-class Bf16Kernel:
+class NativeKernel:
     """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 or fp32 weight, in the
     weight's dtype; `decode_attention` is one query's attention over a bf16 KV cache."""
 
@@ -113,7 +113,7 @@ def build(out_dir: Path | None = None) -> Path:
     text = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + " ".join(FLAGS).encode()
     digest = hashlib.sha256(text).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"bf16_kernels-{digest}.so"
+    lib = out_dir / f"kernels-{digest}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,12 +131,12 @@ def build(out_dir: Path | None = None) -> Path:
 
 
 @cache
-def bf16_kernel() -> tuple[Bf16Kernel | None, str]:
+def native_kernel() -> tuple[NativeKernel | None, str]:
     """(the kernel, "") or (None, why it is not used here). Built and loaded once per process."""
     missing = [f for f in NEEDS if f not in cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     try:
-        return Bf16Kernel(build()), ""
+        return NativeKernel(build()), ""
     except (OSError, RuntimeError) as e:
-        return None, f"bf16 kernel not built: {e}"
+        return None, f"kernels not built: {e}"

@@ -12,44 +12,33 @@ from torch import nn
 
 from launch.batching import kernels, native
 
-KERNEL, WHY = native.bf16_kernel()
-needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 kernel unavailable here: {WHY}")
+KERNEL, WHY = native.native_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")
+
+
+# dtype -> (rtol, atol against torch's linear; how much further than torch's from the exact result).
+# bf16: both accumulate in fp32 and round once to bf16, so the kernel is no further from the exact result.
+# fp32: accumulated in another order than MKL's, so as close within rounding.
+TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-3, 1.01), torch.float32: (1e-5, 1e-5, 4.0)}
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])  # 17 and 40 span several 16-row passes
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_torch_bf16_linear(n_out, n_in, rows, bias):
+def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
     torch.manual_seed(n_out * 1000 + n_in + rows)
-    lin = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
-    x = torch.randn(rows, n_in).to(torch.bfloat16)
+    lin = nn.Linear(n_in, n_out, bias=bias).to(dtype)
+    x = torch.randn(rows, n_in).to(dtype)
     with torch.inference_mode():
         want = lin(x)
         got = KERNEL(x, lin.weight, lin.bias)
         exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    # Both accumulate in fp32 and round once to bf16: the kernel is no further from the exact result.
-    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
-    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * 1.01 + 1e-6
-
-
-@needs_kernel
-@pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (13, 96), (64, 1003), (130, 256)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])
-@pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_torch_fp32_linear(n_out, n_in, rows, bias):
-    torch.manual_seed(n_out * 1000 + n_in + rows)
-    lin = nn.Linear(n_in, n_out, bias=bias)
-    x = torch.randn(rows, n_in)
-    with torch.inference_mode():
-        want = lin(x)
-        got = KERNEL(x, lin.weight, lin.bias)
-        exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # fp32 accumulation in another order than MKL's: as close to the exact result, within rounding.
-    assert (got.double() - exact).abs().max() <= 4 * (want.double() - exact).abs().max() + 1e-6
+    rtol, atol, further = TOLERANCES[dtype]
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() * further + 1e-6
 
 
 @needs_kernel
@@ -166,7 +155,7 @@ def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatc
 
 def test_without_the_kernel_bf16_stays_on_torch_one_row_at_a_time(monkeypatch):
     monkeypatch.setattr(kernels, "can_prepack", lambda dtype: None if dtype == torch.float32 else "no bf16 oneDNN")
-    monkeypatch.setattr(kernels, "bf16_kernel", lambda: (None, "the CPU lacks avx2"))
+    monkeypatch.setattr(kernels, "native_kernel", lambda: (None, "the CPU lacks avx2"))
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     assert kernels.prepack_linears(model) == 0
     assert type(model[0]) is nn.Linear
@@ -177,13 +166,13 @@ def test_without_the_kernel_bf16_stays_on_torch_one_row_at_a_time(monkeypatch):
 
 
 def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
-    native.bf16_kernel.cache_clear()
+    native.native_kernel.cache_clear()
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse2"}))
     try:
-        kernel, why = native.bf16_kernel()
+        kernel, why = native.native_kernel()
         assert kernel is None and "avx2" in why and "fma" in why
     finally:
-        native.bf16_kernel.cache_clear()
+        native.native_kernel.cache_clear()
 
 
 # ---- one decode token's attention (bf16_attention.c behind torch's SDPA) ----
