@@ -292,3 +292,20 @@ def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     assert first_done.wait(120)
     monkeypatch.undo()
     assert seen and max(seen) <= len(PROMPTS), seen
+
+
+def test_a_request_cancelled_while_waiting_is_dropped_and_the_engine_goes_on(engine):
+    full = [_submit(engine, p, 16) for p in PROMPTS]  # max_batch=4: the batch is full
+    deadline = time.monotonic() + 60
+    while not all(chunks for _, _, chunks in full) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late, late_done, _ = _submit(engine, PROMPTS[0], 4)  # waits for a free row
+    late.cancel()
+    for _, done, _ in full:
+        assert done.wait(120)
+    deadline = time.monotonic() + 30
+    while engine.load() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.load() == 0  # the cancelled request left `waiting` too
+    req, done, chunks = _submit(engine, PROMPTS[1], 4)
+    assert done.wait(60) and chunks[-1].error is None and len(req.output_ids) == 4

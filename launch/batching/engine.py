@@ -134,7 +134,8 @@ class BatchEngine(EngineThread):
                             log.exception("prefill failed")
                             for req in group:
                                 self._finish(req, None, error=f"{type(e).__name__}: {e}")
-                            with self._moving:  # never retried
+                        finally:  # never retried; a no-op when _admit moved them to the rows already
+                            with self._moving:
                                 self._dequeue(group)
                         # Requests that came in during that prefill get theirs before the next step.
                         self._take_incoming(wait=False)
@@ -195,7 +196,7 @@ class BatchEngine(EngineThread):
         once for all of them, and the running rows wait for one prefill instead of one per request.
         A request alone is prefilled exactly as a single request is.
         """
-        group = [r for r in group if not r.cancelled]
+        waited, group = group, [r for r in group if not r.cancelled]
         if not group:
             return
         inputs = prefill_inputs([r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0)
@@ -216,7 +217,7 @@ class BatchEngine(EngineThread):
             if rows:
                 self.rows.extend(rows)
                 self.cache = cache
-            self._dequeue(group)
+            self._dequeue(waited)
 
     def _step(self) -> None:
         batch = len(self.rows)
