@@ -190,7 +190,7 @@ def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
     """The left-padded inputs reproduce every prompt's single-request next-token logits."""
     import torch
 
-    from launch.batching.engine import prefill_inputs
+    from launch.batching.prefill import prefill_inputs
 
     prompts = [engine.tokenizer(p).input_ids for p in (PROMPTS[0], PROMPTS[3], PROMPTS[1])]
     assert len({len(p) for p in prompts}) == 3
@@ -309,3 +309,70 @@ def test_a_request_cancelled_while_waiting_is_dropped_and_the_engine_goes_on(eng
     assert engine.load() == 0  # the cancelled request left `waiting` too
     req, done, chunks = _submit(engine, PROMPTS[1], 4)
     assert done.wait(60) and chunks[-1].error is None and len(req.output_ids) == 4
+
+
+SYSTEM = ("<|im_start|>system\nYou are a careful assistant. Answer briefly and stay on the topic "
+          "of the question.<|im_end|>\n")
+
+
+def test_prompts_that_begin_alike_share_one_prefill_of_their_beginning(engine, monkeypatch):
+    """A common beginning (a system prompt; the same question from two clients) is prefilled once, and every
+    answer still equals its single-request answer: the rests have different lengths, so rows are padded."""
+    from launch.batching import prefill as prefill_module
+    from launch.batching.engine import BatchEngine
+
+    prompts = [SYSTEM + PROMPTS[0], SYSTEM + PROMPTS[1], SYSTEM + PROMPTS[2], SYSTEM + PROMPTS[0]]
+    ids = [engine.tokenizer(p).input_ids for p in prompts]
+    shared = prefill_module.shared_prefix_len(ids)
+    assert shared >= prefill_module.SHARED_PREFIX_MIN
+    assert len({len(i) - shared for i in ids}) > 1  # the rests differ in length: a gap to move
+    n = 16
+    singles = []
+    for p in prompts:
+        req, done, _ = _submit(engine, p, n)
+        assert done.wait(120)
+        singles.append(list(req.output_ids))
+    assert singles[0] == singles[3]
+    calls = []
+    real = prefill_module._prefill_shared
+    monkeypatch.setattr(prefill_module, "_prefill_shared",
+                        lambda model, prompts, shared, pad: (calls.append((len(prompts), shared)),
+                                                             real(model, prompts, shared, pad))[1])
+    together = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048)
+    running = [_submit(together, p, n) for p in prompts]
+    together.start()
+    try:
+        for (req, done, chunks), want in zip(running, singles, strict=True):
+            assert done.wait(120)
+            assert chunks[-1].error is None
+            assert req.output_ids == want
+    finally:
+        together.shutdown()
+    assert calls == [(4, shared)]
+
+
+def test_a_shared_beginning_gives_each_prompt_its_single_logits_and_cache(engine):
+    """The shared prefill's logits and cache (gaps moved to the front) match each prompt's own prefill."""
+    import torch
+
+    from launch.batching.prefill import prefill
+
+    prompts = [engine.tokenizer(SYSTEM + p).input_ids for p in (PROMPTS[0], PROMPTS[3], PROMPTS[1])]
+    with torch.inference_mode():
+        logits, layers = prefill(engine.model, prompts, engine.tokenizer.eos_token_id, share=True)
+        width = layers[0][0].shape[-2]
+        for i, p in enumerate(prompts):
+            alone_logits, alone = prefill(engine.model, [p], engine.tokenizer.eos_token_id, share=True)
+            torch.testing.assert_close(logits[i], alone_logits[0], rtol=1e-4, atol=1e-4)
+            for (k, v), (ka, va) in zip(layers, alone, strict=True):
+                torch.testing.assert_close(k[i, :, width - len(p):], ka[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(v[i, :, width - len(p):], va[0], rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_len_leaves_every_prompt_a_token_of_its_own():
+    from launch.batching.prefill import shared_prefix_len
+
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token is each prompt's own
+    assert shared_prefix_len([[1, 2, 3], [1, 2]]) == 1
+    assert shared_prefix_len([[7, 2], [1, 2]]) == 0

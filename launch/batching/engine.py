@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from launch.batching.cores import CoreLease
 from launch.batching.params import GenParams, choose_token
+from launch.batching.prefill import prefill
 from launch.batching.text import IncrementalText, StopText
 from launch.batching.thread import EngineThread
 
@@ -190,19 +191,18 @@ class BatchEngine(EngineThread):
         return group
 
     def _admit(self, group: list[Request]) -> None:
-        """Prefill new requests together, left-padded to the longest prompt and masked, then join them.
+        """Prefill new requests together (launch/batching/prefill.py), then join them to the batch.
 
         When requests arrive together (several users at once) one prefill pass reads the weights
-        once for all of them, and the running rows wait for one prefill instead of one per request.
-        A request alone is prefilled exactly as a single request is.
+        once for all of them, their common beginning is computed once, and the running rows wait for
+        one prefill instead of one per request. A request alone is prefilled exactly as a single
+        request is.
         """
         waited, group = group, [r for r in group if not r.cancelled]
         if not group:
             return
-        inputs = prefill_inputs([r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0)
-        # Only the last position's logits are needed: skips a [prompt x vocab] matmul.
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]
+        logits, layers = prefill(self.model, [r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0,
+                                 share=self._ready_mask)
         rows, keep = [], []
         for i, req in enumerate(group):
             req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
@@ -212,7 +212,7 @@ class BatchEngine(EngineThread):
             if self._accept(row, token):
                 rows.append(row)
                 keep.append(i)
-        cache = self._merged_cache(_select_rows(_legacy(out.past_key_values), keep, len(group))) if rows else None
+        cache = self._merged_cache(_select_rows(layers, keep, len(group))) if rows else None
         with self._moving:  # counted as waiting until they are rows
             if rows:
                 self.rows.extend(rows)
@@ -318,7 +318,9 @@ class BatchEngine(EngineThread):
 
 
 def takes_ready_mask(model) -> bool:
-    """Whether decode steps may give the model a ready 4D boolean mask instead of the 2D one.
+    """Whether decode steps may give the model a ready 4D boolean mask instead of the 2D one (and
+    whether prefill may compute a common beginning of prompts once: that takes a 2D mask with a gap
+    and explicit positions over a cache, launch/batching/prefill.py).
 
     For a batch with padded rows, transformers builds the 4D mask again at every forward
     (create_causal_mask, a vmap over the batch); a 4D mask is used as it is. Interleaved runs of
@@ -333,23 +335,6 @@ def takes_ready_mask(model) -> bool:
     return (type(model).__module__.startswith("transformers.models.")
             and getattr(cfg, "_attn_implementation", None) == "sdpa"
             and not sliding and "sliding_attention" not in (getattr(cfg, "layer_types", None) or ()))
-
-
-def prefill_inputs(prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
-    """Model inputs for prompts prefilled together: left-padded so every prompt ends in the last
-    column, pads masked out, and positions counted from each prompt's first real token."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
-    if all(len(p) == width for p in prompts):
-        return {"input_ids": ids}  # nothing padded: exactly the single-request inputs
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        mask[i, width - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-
-
-def _legacy(cache) -> tuple:
-    return cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
 
 
 def _select_rows(layers: tuple, keep: list[int], total: int) -> tuple:
