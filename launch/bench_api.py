@@ -14,6 +14,12 @@ from launch.bench_stats import Stat
 PROMPT = "Count from 1 to 300, separated by commas, and say nothing else."
 
 
+def client_prompt(i: int) -> str:
+    """Concurrent client i's question: each client asks its own (the worker computes a common beginning
+    once, so identical prompts would flatter it), all of the same length and all answered at length."""
+    return PROMPT.replace("1 to 300", f"{300 * i + 1} to {300 * (i + 1)}")
+
+
 @dataclass
 class StreamResult:
     ttft_s: float
@@ -79,8 +85,8 @@ def api_decode(api_url: str, model: str, tokenizer, max_tokens: int, repeats: in
 
 def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
                headers: dict | None = None) -> tuple[float, list[StreamResult | Exception], list[int]]:
-    """Start every (model, tokenizer) job at once; returns wall time (from the moment all clients
-    are ready to send), results and token counts."""
+    """Start every (model, tokenizer) job at once, job i asking client_prompt(i); returns wall time (from
+    the moment all clients are ready to send), results and token counts."""
     results: list[StreamResult | Exception] = [None] * len(jobs)  # type: ignore[list-item]
     start: list[float] = []
     barrier = threading.Barrier(len(jobs), action=lambda: start.append(time.perf_counter()))
@@ -89,7 +95,8 @@ def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
         with _client() as client:
             barrier.wait()
             try:
-                results[i] = stream_chat(api_url, model, max_tokens, headers=headers, client=client)
+                results[i] = stream_chat(api_url, model, max_tokens, headers=headers, client=client,
+                                         prompt=client_prompt(i))
             except Exception as e:  # reported, not raised: one failed client must not hide the rest
                 results[i] = e
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from launch.bench_api import concurrent, stream_chat
+from launch.bench_api import PROMPT, concurrent, stream_chat
 
 DELAY_S = 0.2  # before the first token, and between tokens
 WORDS = ["one", " two", " three"]
@@ -63,7 +63,11 @@ def test_stream_chat_times_first_and_last_text(api):
 
 def test_concurrent_clients_overlap_and_count_tokens(api):
     url = f"http://127.0.0.1:{api.server_address[1]}/v1"
+    sent = len(api.bodies)
     wall, results, tokens = concurrent(url, [("m", _Words())] * 4, 8)
+    # Each client asks its own question (identical prompts would share their whole prefill).
+    questions = [b["messages"][-1]["content"] for b in api.bodies[sent:]]
+    assert len(set(questions)) == 4 and PROMPT in questions
     assert [r.text for r in results] == ["one two three"] * 4
     assert tokens == [3] * 4
     # The stub serves the 4 streams in parallel: the wall time is one stream's, not four.
