@@ -14,6 +14,7 @@ from launch.batching import kernels, native
 
 KERNEL, WHY = native.native_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")
+XTILE = KERNEL.xtile if KERNEL else 1  # input rows per pass over the weight
 
 
 # dtype -> (rtol, atol against torch's linear; how much further than torch's from the exact result).
@@ -25,7 +26,7 @@ TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-3, 1.01), torch.float32: (1e-5, 1e-5, 
 @needs_kernel
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
 @pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 17, 40])  # 17 and 40 span several 16-row passes
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 2 * XTILE + 3])  # the last spans three passes over the weight
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
     torch.manual_seed(n_out * 1000 + n_in + rows)
@@ -47,9 +48,9 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
     """The batching worker's batched == single rests on this: bitwise, for every batch size."""
     torch.manual_seed(0)
     w = torch.randn(37, 200).to(dtype)
-    x = torch.randn(35, 200).to(dtype)
+    x = torch.randn(2 * XTILE + 3, 200).to(dtype)
     alone = torch.cat([KERNEL(x[i:i + 1], w, None) for i in range(len(x))])
-    for rows in (2, 3, 16, 17, 35):
+    for rows in (2, 3, 16, 17, XTILE, XTILE + 1, 2 * XTILE + 3):
         assert torch.equal(KERNEL(x[:rows], w, None), alone[:rows])
 
 

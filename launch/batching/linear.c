@@ -19,9 +19,15 @@
  */
 #include "bf16_simd.h"
 
-/* Input rows multiplied per pass over the weight: 16 rows of a 4096-wide input (256 kB fp32) stay
- * in L2 while the weight streams by. More rows read the weight again, once per 16 rows. */
-#define XTILE 16
+/* Input rows multiplied per pass over the weight; more rows read the weight again, once per XTILE rows.
+ * Prefill (many rows) is where it matters. 64 rows of a 4096-wide input (1 MB fp32) no longer fit in L2,
+ * but reading them from L3 costs less than reading the weight from memory again: on the reference machine
+ * a 196-row pass over Qwen2.5-0.5B-shaped fp32 weights took 2.13 s with 16 rows per pass and 1.77 s with
+ * 64, and 64 rows over 7B-shaped bf16 layers 216 ms against 183 ms. 1-16 rows are unchanged. */
+#define XTILE 64
+
+/* The scratch the caller allocates depends on it (native.py reads it here, so the two cannot disagree). */
+int linear_xtile(void) { return XTILE; }
 
 /* bf16 weight, bf16 activations (rounded once per output, to nearest even like torch). */
 #define W uint16_t

@@ -29,7 +29,6 @@ HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "line
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma")
-XTILE = 16  # input rows per pass over the weight, as in linear.c
 
 
 class NativeKernel:
@@ -44,6 +43,8 @@ class NativeKernel:
             fn = self._linear[dtype] = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        lib.linear_xtile.restype = ctypes.c_int
+        self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
         self._attn = lib.decode_attention_bf16
         self._attn.restype = None
         self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
@@ -63,7 +64,7 @@ class NativeKernel:
         if bias is not None:
             bias = bias.to(wdtype).contiguous()
         y = torch.empty(rows, n_out, dtype=wdtype)
-        buf = torch.empty(min(rows, XTILE) * n_in, dtype=torch.float32)  # the inputs widened to fp32
+        buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
         # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
         fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
            buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
