@@ -135,32 +135,41 @@ def test_cancelled_request_leaves_the_batch(engine):
 
 def test_requests_arriving_together_are_prefilled_together(engine):
     """Prompts of different lengths in one left-padded, masked prefill pass give the single-request answers."""
-    from launch.batching.engine import BatchEngine
-
     prompts = PROMPTS[:3]  # 18-22 tokens: padding within PAD_WASTE, so one group
-    n = 16
-    singles = []
+    singles = _answers_one_at_a_time(engine, prompts, 16)
+    lengths = [len(engine.tokenizer(p).input_ids) for p in prompts]
+    assert len(set(lengths)) > 1  # really padded
+    admitted = []
+    assert _answers_admitted_together(engine, prompts, 16, admitted) == singles
+    assert admitted == [3]
+
+
+def _answers_one_at_a_time(engine, prompts: list[str], n: int) -> list[list[int]]:
+    answers = []
     for p in prompts:
         req, done, _ = _submit(engine, p, n)
         assert done.wait(120)
-        singles.append(list(req.output_ids))
-    lengths = [len(engine.tokenizer(p).input_ids) for p in prompts]
-    assert len(set(lengths)) > 1  # really padded
-    # A second engine on the same (now idle) model, started only once all three wait: one group.
+        answers.append(list(req.output_ids))
+    return answers
+
+
+def _answers_admitted_together(engine, prompts: list[str], n: int, admitted: list) -> list[list[int]]:
+    """Greedy answers from a second engine on the same (idle) model, started only once every prompt waits,
+    so they are admitted as one group; `admitted` receives each admitted group's size."""
+    from launch.batching.engine import BatchEngine
+
     together = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048)
-    admitted = []
     real_admit = together._admit
     together._admit = lambda group: (admitted.append(len(group)), real_admit(group))
     running = [_submit(together, p, n) for p in prompts]
     together.start()
     try:
-        for (req, done, chunks), want in zip(running, singles, strict=True):
+        for _, done, chunks in running:
             assert done.wait(120)
             assert chunks[-1].error is None
-            assert req.output_ids == want
     finally:
         together.shutdown()
-    assert admitted == [3]
+    return [list(req.output_ids) for req, _, _ in running]
 
 
 def test_requests_a_few_ms_apart_on_an_idle_engine_share_one_prefill(engine):
@@ -319,35 +328,20 @@ def test_prompts_that_begin_alike_share_one_prefill_of_their_beginning(engine, m
     """A common beginning (a system prompt; the same question from two clients) is prefilled once, and every
     answer still equals its single-request answer: the rests have different lengths, so rows are padded."""
     from launch.batching import prefill as prefill_module
-    from launch.batching.engine import BatchEngine
 
     prompts = [SYSTEM + PROMPTS[0], SYSTEM + PROMPTS[1], SYSTEM + PROMPTS[2], SYSTEM + PROMPTS[0]]
     ids = [engine.tokenizer(p).input_ids for p in prompts]
     shared = prefill_module.shared_prefix_len(ids)
     assert shared >= prefill_module.SHARED_PREFIX_MIN
     assert len({len(i) - shared for i in ids}) > 1  # the rests differ in length: a gap to move
-    n = 16
-    singles = []
-    for p in prompts:
-        req, done, _ = _submit(engine, p, n)
-        assert done.wait(120)
-        singles.append(list(req.output_ids))
+    singles = _answers_one_at_a_time(engine, prompts, 16)
     assert singles[0] == singles[3]
     calls = []
     real = prefill_module._prefill_shared
     monkeypatch.setattr(prefill_module, "_prefill_shared",
                         lambda model, prompts, shared, pad: (calls.append((len(prompts), shared)),
                                                              real(model, prompts, shared, pad))[1])
-    together = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048)
-    running = [_submit(together, p, n) for p in prompts]
-    together.start()
-    try:
-        for (req, done, chunks), want in zip(running, singles, strict=True):
-            assert done.wait(120)
-            assert chunks[-1].error is None
-            assert req.output_ids == want
-    finally:
-        together.shutdown()
+    assert _answers_admitted_together(engine, prompts, 16, []) == singles
     assert calls == [(4, shared)]
 
 
