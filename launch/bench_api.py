@@ -15,9 +15,12 @@ PROMPT = "Count from 1 to 300, separated by commas, and say nothing else."
 
 
 def client_prompt(i: int) -> str:
-    """Concurrent client i's question: each client asks its own (the worker computes a common beginning
-    once, so identical prompts would flatter it), all of the same length and all answered at length."""
-    return PROMPT.replace("1 to 300", f"{300 * i + 1} to {300 * (i + 1)}")
+    """Concurrent client i's prompt: no two clients send the same text (the worker computes a common
+    beginning once, so identical prompts would flatter it; here only the chat template and "Request" are
+    common), and the task stays the one every model answers at length. Other questions were tried: asked
+    "Count from 301 to 600" or told a name first, SmolLM2-135M stopped after 5-25 tokens, which measures
+    answer length instead of speed."""
+    return f"Request {i + 1}. {PROMPT}"
 
 
 @dataclass
