@@ -122,6 +122,9 @@ def aggregate_tps(api_url: str, model: str, tokenizer, clients: int, max_tokens:
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             raise RuntimeError(f"{model}: {len(errors)}/{clients} clients failed: {errors[0]}")
+        if min(tokens) < 0.8 * max_tokens:  # then the rate says how long the answers were, not how fast
+            print(f"  warning: {model} answered {clients} client(s) with {tokens} tokens, asked for "
+                  f"{max_tokens}: short answers lower this rate", flush=True)
         rates.append(sum(tokens) / wall)
     return Stat.of(rates)
 
