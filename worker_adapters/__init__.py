@@ -10,8 +10,9 @@ adapters in list order, so ours are inserted at the front of `model_adapters`, a
 built-in ones, and the patch `launch.fastchat_patches.adapter_dispatch` makes FastChat ask them by checkpoint
 content first.
 
-To add an adapter: write `worker_adapters/<name>.py` with a BaseModelAdapter subclass decorated
-with `@adapter` (it needs `match_checkpoint(info)`), and list the module in ADAPTER_MODULES.
+To add an adapter: write `worker_adapters/<name>.py` with a `common.CheckpointAdapter` subclass (a FastChat
+BaseModelAdapter that matches on `match_checkpoint(info)`) decorated with `@adapter`, and list the module
+in ADAPTER_MODULES.
 """
 
 from __future__ import annotations

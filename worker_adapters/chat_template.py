@@ -20,12 +20,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastchat.conversation import Conversation, SeparatorStyle
-from fastchat.model.model_adapter import BaseModelAdapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
-from worker_adapters.common import ensure_dtype, with_stop_ids
+from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
 from worker_adapters.policy import check_remote_code, cpu_dtype
 
 CONV_NAME = "chat_template"
@@ -126,15 +125,11 @@ def render_prompt(conv: Conversation) -> str:
 
 
 @adapter
-class ChatTemplateAdapter(BaseModelAdapter):
+class ChatTemplateAdapter(CheckpointAdapter):
     """Prompt from the tokenizer's chat template, stop ids from generation_config + tokenizer."""
 
     def match_checkpoint(self, info: CheckpointInfo) -> bool:
         return info.chat_template is not None
-
-    def match(self, model_path: str) -> bool:
-        info = read_checkpoint(model_path)
-        return info is not None and self.match_checkpoint(info)
 
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)

@@ -16,12 +16,11 @@ import re
 
 import torch
 from fastchat.conversation import Conversation, get_conv_template
-from fastchat.model.model_adapter import BaseModelAdapter
 from transformers import AutoModel, AutoTokenizer
 
 from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
-from worker_adapters.common import ensure_dtype
+from worker_adapters.common import CheckpointAdapter, ensure_dtype
 from worker_adapters.policy import check_remote_code, cpu_dtype
 from worker_adapters.shims import apply_tokenizer_shims
 
@@ -150,13 +149,9 @@ def _chunk(prompt: str, text: str, echo: bool, n_in: int, n_out: int, finish):
 
 
 @adapter
-class ChatGLM3Adapter(BaseModelAdapter):
+class ChatGLM3Adapter(CheckpointAdapter):
     def match_checkpoint(self, info: CheckpointInfo) -> bool:
         return is_chatglm3(info)
-
-    def match(self, model_path: str) -> bool:
-        info = read_checkpoint(model_path)
-        return info is not None and self.match_checkpoint(info)
 
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)

@@ -1,10 +1,25 @@
-"""Pieces shared by the adapters: stop-id merging around a generate function, dtype check."""
+"""Pieces shared by the adapters: their base class, stop-id merging around a generate function, dtype check."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+from fastchat.model.model_adapter import BaseModelAdapter
+
+from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
+
+
+class CheckpointAdapter(BaseModelAdapter):
+    """A FastChat adapter that recognises a local checkpoint by its files (read_checkpoint), not by the
+    folder's name as FastChat's own adapters do: a ModelScope download can be called anything."""
+
+    def match_checkpoint(self, info: CheckpointInfo) -> bool:
+        raise NotImplementedError
+
+    def match(self, model_path: str) -> bool:
+        info = read_checkpoint(model_path)
+        return info is not None and self.match_checkpoint(info)
 
 
 def with_stop_ids(generate: Callable, stop_ids: Iterable[int]) -> Callable:

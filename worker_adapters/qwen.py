@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 from fastchat.conversation import Conversation, get_conv_template
-from fastchat.model.model_adapter import BaseModelAdapter
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
-from worker_adapters.common import ensure_dtype, with_stop_ids
+from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
 from worker_adapters.policy import check_remote_code, cpu_dtype
 
 CHATML_STOP_IDS = (151643, 151644, 151645)  # <|endoftext|>, <|im_start|>, <|im_end|>
@@ -29,13 +28,9 @@ def set_precision_flags(config, dtype: torch.dtype) -> None:
 
 
 @adapter
-class QwenChatAdapter(BaseModelAdapter):
+class QwenChatAdapter(CheckpointAdapter):
     def match_checkpoint(self, info: CheckpointInfo) -> bool:
         return info.model_type == "qwen"
-
-    def match(self, model_path: str) -> bool:
-        info = read_checkpoint(model_path)
-        return info is not None and self.match_checkpoint(info)
 
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)
