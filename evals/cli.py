@@ -167,20 +167,23 @@ def _judge(run_dir: Path, args) -> int:
     return 0
 
 
-def cmd_judge(args) -> int:
+def _existing_run(args) -> Path | None:
+    """The run `args.run` names, or None after saying why there is none."""
     try:
-        run_dir = resolve_run(args.run, _runs_root(args))
+        return resolve_run(args.run, _runs_root(args))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return _judge(run_dir, args)
+        return None
+
+
+def cmd_judge(args) -> int:
+    run_dir = _existing_run(args)
+    return 2 if run_dir is None else _judge(run_dir, args)
 
 
 def cmd_report(args) -> int:
-    try:
-        run_dir = resolve_run(args.run, _runs_root(args))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    run_dir = _existing_run(args)
+    if run_dir is None:
         return 2
     votes = Path(args.votes_dir) if args.votes_dir else None
     md, htm = report.write_report(run_dir, votes)

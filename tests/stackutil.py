@@ -60,8 +60,20 @@ class Stack:
             raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def up(self) -> subprocess.CompletedProcess:
-        return self.launch("up")
+    def up(self, api_keys: str | None = None) -> subprocess.CompletedProcess:
+        """`launch up`; with `api_keys`, only this stack's supervisor gets CPU_ARENA_API_KEYS (it keeps its
+        environment for restarts): later stacks in the test session must not inherit it."""
+        if api_keys is None:
+            return self.launch("up")
+        saved = os.environ.get("CPU_ARENA_API_KEYS")
+        os.environ["CPU_ARENA_API_KEYS"] = api_keys
+        try:
+            return self.launch("up")
+        finally:
+            if saved is None:
+                del os.environ["CPU_ARENA_API_KEYS"]
+            else:
+                os.environ["CPU_ARENA_API_KEYS"] = saved
 
     def down(self) -> subprocess.CompletedProcess:
         return self.launch("down", timeout=180)

@@ -71,11 +71,7 @@ def test_validation_accepts_valid_and_edge_values():
 def estack(tmp_path_factory):
     st = stack_for(free_ports_config(tmp_path_factory.mktemp("errors"), models=default_models([MODEL])))
     try:
-        # Only the supervisor gets the key (it keeps its environment for restarts); later stacks
-        # in this test session must not inherit it.
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CPU_ARENA_API_KEYS", KEY)
-            st.up()
+        st.up(api_keys=KEY)
         yield st
     finally:
         st.down()

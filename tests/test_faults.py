@@ -30,11 +30,7 @@ def fstack(tmp_path_factory):
                                      heartbeat_interval=2, heartbeat_expiration=10,
                                      restart_backoff_initial=3, worker_api_timeout=1234))
     try:
-        # Only the supervisor gets the key (it keeps its environment for restarts); later stacks
-        # in this test session must not inherit it.
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CPU_ARENA_API_KEYS", KEY)
-            st.up()
+        st.up(api_keys=KEY)
         yield st
     finally:
         st.down()
