@@ -246,3 +246,12 @@ def test_unreachable_api_is_a_clear_error(qfile, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}/v1"
     assert _run(url, qfile, tmp_path / "run") == 2
     assert "cannot list models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["report"], ["judge", "--judge-model", "m"]])
+def test_report_and_judge_of_a_run_that_is_not_there_say_so(tmp_path, capsys, command):
+    from evals.cli import main
+
+    assert main([command[0], "no-such-run", "--runs-root", str(tmp_path), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-run" in err
