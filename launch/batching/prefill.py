@@ -67,15 +67,11 @@ def _prefill_shared(model, prompts: list[list[int]], shared: int, pad: int) -> t
     rests = [p[shared:] for p in prompts]
     width = max(len(r) for r in rests)
     gaps = [width - len(r) for r in rests]
-    ids = torch.tensor([[pad] * g + r for g, r in zip(gaps, rests, strict=True)], dtype=torch.long)
-    inputs = {"input_ids": ids}
+    inputs = prefill_inputs(rests, pad)
     if any(gaps):
         # The rests are left-padded after the shared part: [shared | gap | rest]; the gap is masked out.
-        mask = torch.ones(rows, shared + width, dtype=torch.long)
-        for i, g in enumerate(gaps):
-            mask[i, shared:shared + g] = 0
-        inputs["attention_mask"] = mask
-        inputs["position_ids"] = shared + (mask[:, shared:].cumsum(-1) - 1).clamp(min=0)
+        inputs["attention_mask"] = torch.cat([torch.ones(rows, shared, dtype=torch.long), inputs["attention_mask"]], 1)
+        inputs["position_ids"] = inputs["position_ids"] + shared
     out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
     layers = legacy(out.past_key_values)
     if any(gaps):
