@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config, write_config
 from launch.ports import on_free_ports
 
@@ -63,17 +65,10 @@ class Stack:
     def up(self, api_keys: str | None = None) -> subprocess.CompletedProcess:
         """`launch up`; with `api_keys`, only this stack's supervisor gets CPU_ARENA_API_KEYS (it keeps its
         environment for restarts): later stacks in the test session must not inherit it."""
-        if api_keys is None:
+        with pytest.MonkeyPatch.context() as mp:
+            if api_keys is not None:
+                mp.setenv("CPU_ARENA_API_KEYS", api_keys)
             return self.launch("up")
-        saved = os.environ.get("CPU_ARENA_API_KEYS")
-        os.environ["CPU_ARENA_API_KEYS"] = api_keys
-        try:
-            return self.launch("up")
-        finally:
-            if saved is None:
-                del os.environ["CPU_ARENA_API_KEYS"]
-            else:
-                os.environ["CPU_ARENA_API_KEYS"] = saved
 
     def down(self) -> subprocess.CompletedProcess:
         return self.launch("down", timeout=180)
