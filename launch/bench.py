@@ -7,7 +7,9 @@ roofline (bandwidth / weight bytes read per token) with the fraction reached at 
 RSS against weight bytes; every worker decoding at once against solo; and `make up` time.
 
 If no stack is running for the config, the bench starts one on free ports in a temporary run
-folder (timing `up`), and stops it afterwards. Medians over repeats; min-max shown as noise.
+folder (timing `up`), and stops it afterwards. Medians over repeats; min-max shown as noise. The
+concurrency scaling is the median of per-round ratios: each round measures every client count side by
+side (bench_api.client_order), so the machine's drift between rounds stays out of the ratio.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
     p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
+                   help="repeats per measurement (rounds over every client count for the concurrency figures); "
+                        "medians are reported, min-max as noise (default 3, quick 1)")
     p.add_argument("--clients", default=None,
                    help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -250,7 +253,7 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
 def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time) -> int:
     import torch
 
-    from launch.bench_api import aggregate_tps, api_decode, shared_decode
+    from launch.bench_api import aggregate_rounds, api_decode, shared_decode
     from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
 
     state = read_state(stack_cfg.run_dir())
@@ -281,9 +284,9 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
                         roofline_tps=roofline_tokens_per_s(bw.median, per_token), rss_bytes=_rss(worker_pids.get(name)))
         print(f"[{name}] API streaming ...", flush=True)
         r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
-        for c in clients:
-            print(f"[{name}] {c} concurrent client(s) ...", flush=True)
-            r.concurrency_tps[c] = aggregate_tps(api, name, tok, c, tokens, max(1, repeats - 1), headers)
+        r.concurrency_rounds = aggregate_rounds(
+            api, name, tok, clients, tokens, repeats, headers,
+            progress=lambda c, name=name: print(f"[{name}] {c} concurrent client(s) ...", flush=True))
         reports.append(r)
     if len(names) > 1:
         print("all workers decoding at once ...", flush=True)

@@ -114,19 +114,39 @@ def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
     return wall, results, tokens
 
 
-def aggregate_tps(api_url: str, model: str, tokenizer, clients: int, max_tokens: int, repeats: int,
-                  headers: dict | None = None) -> Stat | None:
-    rates = []
-    for _ in range(repeats):
-        wall, results, tokens = concurrent(api_url, [(model, tokenizer)] * clients, max_tokens, headers)
-        errors = [r for r in results if isinstance(r, Exception)]
-        if errors:
-            raise RuntimeError(f"{model}: {len(errors)}/{clients} clients failed: {errors[0]}")
-        if min(tokens) < 0.8 * max_tokens:  # then the rate says how long the answers were, not how fast
-            print(f"  warning: {model} answered {clients} client(s) with {tokens} tokens, asked for "
-                  f"{max_tokens}: short answers lower this rate", flush=True)
-        rates.append(sum(tokens) / wall)
-    return Stat.of(rates)
+def aggregate_tps(api_url: str, model: str, tokenizer, clients: int, max_tokens: int,
+                  headers: dict | None = None) -> float:
+    """Total tokens/s of `clients` streaming clients started at once, over the wall time of the slowest."""
+    wall, results, tokens = concurrent(api_url, [(model, tokenizer)] * clients, max_tokens, headers)
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise RuntimeError(f"{model}: {len(errors)}/{clients} clients failed: {errors[0]}")
+    if min(tokens) < 0.8 * max_tokens:  # then the rate says how long the answers were, not how fast
+        print(f"  warning: {model} answered {clients} client(s) with {tokens} tokens, asked for "
+              f"{max_tokens}: short answers lower this rate", flush=True)
+    return sum(tokens) / wall
+
+
+def client_order(counts: tuple[int, ...], rounds: int) -> list[int]:
+    """The client counts in measuring order: every round measures each count once, ascending in even
+    rounds and descending in odd ones. Why: on a shared VM the speed drifts within minutes (memory
+    bandwidth read 12 to 29 GB/s on the reference machine). Measuring all 1-client runs first and all
+    4-client runs minutes later put that drift into the scaling ratio; within a round the counts sit
+    next to each other, and reversing the order every other round cancels a steady drift."""
+    up = sorted(counts)
+    return [c for r in range(rounds) for c in (up if r % 2 == 0 else up[::-1])]
+
+
+def aggregate_rounds(api_url: str, model: str, tokenizer, counts: tuple[int, ...], max_tokens: int, rounds: int,
+                     headers: dict | None = None, progress=None) -> dict[int, list[float]]:
+    """Aggregate tokens/s per client count, one value per round, in round order (so that the rates of one
+    round can be compared with each other: bench_stats.paired_scaling)."""
+    rates: dict[int, list[float]] = {c: [] for c in sorted(counts)}
+    for c in client_order(counts, rounds):
+        if progress:
+            progress(c)
+        rates[c].append(aggregate_tps(api_url, model, tokenizer, c, max_tokens, headers))
+    return rates
 
 
 def shared_decode(api_url: str, jobs: list[tuple[str, object]], max_tokens: int, repeats: int,

@@ -47,10 +47,13 @@ def roofline_tokens_per_s(bandwidth_bytes_per_s: float, bytes_per_token: int) ->
     return bandwidth_bytes_per_s / bytes_per_token if bytes_per_token > 0 else 0.0
 
 
-def scaling(aggregate: dict[int, Stat | None]) -> dict[str, float | None]:
-    """Aggregate tokens/s at N clients over the 1-client figure."""
-    base = aggregate.get(1)
-    return {str(n): ratio(s, base) for n, s in sorted(aggregate.items())}
+def paired_scaling(rounds: dict[int, list[float]]) -> dict[int, Stat | None]:
+    """Aggregate tokens/s at N clients over the 1-client figure of the same round, then median and
+    min-max over the rounds. Why paired: the rates of one round were measured next to each other
+    (bench_api.client_order), so their ratio does not carry the machine's drift between rounds."""
+    base = rounds.get(1, [])
+    return {n: Stat.of([r / b for r, b in zip(rates, base, strict=False) if b > 0])
+            for n, rates in sorted(rounds.items())}
 
 
 @dataclass
@@ -66,9 +69,18 @@ class ModelReport:
     api_decode_tps: Stat | None = None
     api_ttft_s: Stat | None = None
     roofline_tps: float | None = None
-    concurrency_tps: dict[int, Stat | None] = field(default_factory=dict)
+    # Aggregate tokens/s per client count, one value per round (bench_api.aggregate_rounds).
+    concurrency_rounds: dict[int, list[float]] = field(default_factory=dict)
     rss_bytes: int | None = None
     shared_decode_tps: Stat | None = None  # while every other worker also decodes
+
+    @property
+    def concurrency_tps(self) -> dict[int, Stat | None]:
+        return {n: Stat.of(rates) for n, rates in sorted(self.concurrency_rounds.items())}
+
+    @property
+    def concurrency_scaling(self) -> dict[int, Stat | None]:
+        return paired_scaling(self.concurrency_rounds)
 
     @property
     def api_vs_raw(self) -> float | None:
@@ -102,7 +114,8 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
         "settings": settings,
         "make_up_time_s": up_time_s,
         "api_vs_raw_decode_ratio": {m.name: m.api_vs_raw for m in models},
-        "concurrency_scaling": {m.name: scaling(m.concurrency_tps) for m in models},
+        "concurrency_scaling": {m.name: {str(n): s.median if s else None for n, s in m.concurrency_scaling.items()}
+                                for m in models},
         "roofline_fraction": {m.name: m.roofline_fraction for m in models},
         "served_roofline_fraction": {m.name: m.served_roofline_fraction for m in models},
         "shared_cores_fraction_of_solo": {m.name: m.shared_fraction for m in models},
@@ -117,7 +130,9 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
             "raw_decode_tokens_per_s": _stat(m.raw_decode_tps), "raw_ttft_s": _stat(m.raw_ttft_s),
             "api_decode_tokens_per_s": _stat(m.api_decode_tps), "api_ttft_s": _stat(m.api_ttft_s),
             "roofline_tokens_per_s": m.roofline_tps,
-            "aggregate_tokens_per_s": {str(n): _stat(s) for n, s in sorted(m.concurrency_tps.items())},
+            "aggregate_tokens_per_s": {str(n): _stat(s) for n, s in m.concurrency_tps.items()},
+            "aggregate_tokens_per_s_per_round": {str(n): rates for n, rates in sorted(m.concurrency_rounds.items())},
+            "concurrency_scaling": {str(n): _stat(s) for n, s in m.concurrency_scaling.items()},
             "shared_decode_tokens_per_s": _stat(m.shared_decode_tps),
         }
     return out
@@ -133,7 +148,7 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
         f"({machine.get('bandwidth_all_gbs', 0):.1f} GB/s at {machine.get('cores')})   make up: {_f(up_time_s, '{:.0f} s')}",
     ]
     for m in models:
-        sc = scaling(m.concurrency_tps)
+        sc = m.concurrency_scaling
         lines += [
             "",
             f"{m.name}  [{m.worker} worker, {m.dtype}, {m.threads} thread(s), weights {m.weights_bytes / 1e6:.0f} MB, "
@@ -147,7 +162,10 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
         ]
         if m.concurrency_tps:
             lines.append("  clients        " + "  ".join(
-                f"{n}: {s.fmt() if s else '-'} tok/s (x{_f(sc.get(str(n)))})" for n, s in sorted(m.concurrency_tps.items())))
+                f"{n}: {s.fmt() if s else '-'} tok/s" for n, s in m.concurrency_tps.items()))
+            lines.append("  x 1 client     " + "  ".join(
+                f"{n}: x{sc[n].fmt(2) if sc.get(n) else '-'}" for n in sorted(sc) if n != 1)
+                + "   (per round, measured side by side)")
         if m.shared_decode_tps is not None:
             lines.append(f"  all workers decoding at once: {m.shared_decode_tps.fmt()} tok/s = "
                          f"{_f(m.shared_fraction)} of solo (target >= 0.40)")

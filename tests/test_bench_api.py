@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from launch.bench_api import PROMPT, concurrent, stream_chat
+from launch.bench_api import PROMPT, aggregate_rounds, client_order, concurrent, stream_chat
 
 DELAY_S = 0.2  # before the first token, and between tokens
 WORDS = ["one", " two", " three"]
@@ -72,3 +72,23 @@ def test_concurrent_clients_overlap_and_count_tokens(api):
     assert tokens == [3] * 4
     # The stub serves the 4 streams in parallel: the wall time is one stream's, not four.
     assert len(WORDS) * DELAY_S * 0.9 <= wall < 2 * len(WORDS) * DELAY_S
+
+
+def test_client_counts_alternate_direction_round_by_round():
+    assert client_order((4, 1, 2), 3) == [1, 2, 4, 4, 2, 1, 1, 2, 4]
+
+
+def test_aggregate_rounds_keep_one_rate_per_round_in_round_order(api):
+    url = f"http://127.0.0.1:{api.server_address[1]}/v1"
+    sent = len(api.bodies)
+    seen = []
+    rates = aggregate_rounds(url, "m", _Words(), (1, 2), 3, 2, progress=seen.append)
+    assert seen == [1, 2, 2, 1]
+    assert len(api.bodies) - sent == 1 + 2 + 2 + 1
+    assert sorted(rates) == [1, 2] and all(len(v) == 2 for v in rates.values())
+    # 3 words per stream over ~3 delays: the stub's parallel streams scale with the client count.
+    one = len(WORDS) / (len(WORDS) * DELAY_S)
+    for r in rates[1]:
+        assert one / 2 < r <= one * 1.1
+    for r in rates[2]:
+        assert one < r <= 2 * one * 1.1

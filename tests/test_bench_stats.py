@@ -9,10 +9,10 @@ import pytest
 from launch.bench_stats import (
     ModelReport,
     Stat,
+    paired_scaling,
     ratio,
     report_json,
     roofline_tokens_per_s,
-    scaling,
     table,
     weight_bytes_per_token,
 )
@@ -43,9 +43,19 @@ def test_roofline():
     assert roofline_tokens_per_s(25e9, 0) == 0.0
 
 
-def test_scaling_relative_to_one_client():
-    agg = {1: Stat.of([10.0]), 2: Stat.of([18.0]), 4: Stat.of([32.0]), 8: None}
-    assert scaling(agg) == {"1": 1.0, "2": 1.8, "4": 3.2, "8": None}
+def test_scaling_pairs_each_round_with_its_own_one_client_rate():
+    # Round 2 ran on a machine twice as fast: its rates are double, its ratios the same.
+    rounds = {1: [10.0, 20.0, 12.0], 2: [18.0, 36.0, 21.6], 4: [30.0, 60.0, 39.6]}
+    sc = paired_scaling(rounds)
+    assert sc[1] == Stat(1.0, 1.0, 1.0, 3)
+    assert sc[2].median == pytest.approx(1.8) and sc[2].max == pytest.approx(1.8)
+    assert (sc[4].median, sc[4].min, sc[4].max) == pytest.approx((3.0, 3.0, 3.3))
+    # The ratio of medians would mix rounds: 39.6 / 12.0.
+    assert Stat.of(rounds[4]).median / Stat.of(rounds[1]).median == pytest.approx(3.3)
+
+
+def test_scaling_without_a_one_client_round_is_unknown():
+    assert paired_scaling({2: [18.0], 4: [30.0]}) == {2: None, 4: None}
 
 
 @pytest.fixture
@@ -54,26 +64,29 @@ def report() -> ModelReport:
                     bytes_per_token=540_000_000, raw_decode_tps=Stat.of([20.0, 22.0, 24.0]),
                     raw_ttft_s=Stat.of([0.1]), api_decode_tps=Stat.of([18.0, 19.0]), api_ttft_s=Stat.of([0.2]),
                     roofline_tps=44.0, rss_bytes=700_000_000, shared_decode_tps=Stat.of([9.0]))
-    r.concurrency_tps = {1: Stat.of([18.0]), 2: Stat.of([30.0]), 4: Stat.of([54.0]), 8: Stat.of([80.0])}
+    r.concurrency_rounds = {1: [18.0, 20.0], 2: [30.0, 34.0], 4: [54.0, 56.0], 8: [80.0, 84.0]}
     return r
 
 
 def test_report_json_shape(report):
     out = json.loads(json.dumps(report_json([report], {"bandwidth_gbs": 22.0}, 61.0, {"tokens": 48})))
     assert out["api_vs_raw_decode_ratio"]["m"] == pytest.approx(18.5 / 22.0)
-    assert out["concurrency_scaling"]["m"]["4"] == pytest.approx(3.0)
+    assert out["concurrency_scaling"]["m"]["4"] == pytest.approx((54 / 18 + 56 / 20) / 2)
     assert out["roofline_fraction"]["m"] == pytest.approx(22.0 / 44.0)
     assert out["served_roofline_fraction"]["m"] == pytest.approx(18.5 / 44.0)
     assert out["shared_cores_fraction_of_solo"]["m"] == pytest.approx(9.0 / 18.5)
     model = out["models"]["m"]
     assert model["raw_decode_tokens_per_s"] == {"median": 22.0, "min": 20.0, "max": 24.0, "n": 3}
     assert model["rss_over_weights"] == pytest.approx(700 / 540)
+    assert model["aggregate_tokens_per_s_per_round"]["4"] == [54.0, 56.0]
+    assert model["concurrency_scaling"]["4"] == {"median": pytest.approx(2.9), "min": pytest.approx(2.8),
+                                                 "max": pytest.approx(3.0), "n": 2}
     assert out["make_up_time_s"] == 61.0
 
 
 def test_table_mentions_every_figure(report):
     text = table([report], {"bandwidth_gbs": 22.0, "bandwidth_all_gbs": 25.0, "bandwidth_threads": 2, "cores": 2}, 61.0)
-    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 54.0 tok/s (x3.00)", "0.49 of solo", "make up: 61 s"):
+    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 55.0 (54.0-56.0) tok/s", "4: x2.90 (2.80-3.00)", "0.49 of solo", "make up: 61 s"):
         assert needle in text
 
 
