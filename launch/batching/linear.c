@@ -26,6 +26,10 @@
  * 64, and 64 rows over 7B-shaped bf16 layers 216 ms against 183 ms. 1-16 rows are unchanged. */
 #define XTILE 64
 
+/* A pass over this many input rows or more is a prompt's (decode passes have at most max_batch = 8 rows):
+ * it takes block3x4 (compute-bound, linear_blocks.h), fewer rows the blocks tuned for reading memory. */
+#define PROMPT_ROWS 9
+
 /* The scratch the caller allocates depends on it (native.py reads it here, so the two cannot disagree). */
 int linear_xtile(void) { return XTILE; }
 
