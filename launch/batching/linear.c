@@ -42,6 +42,7 @@ int linear_xtile(void) { return XTILE; }
 #define XTOF bf16_to_float
 #define FTOX float_to_bf16
 #define LINEAR linear_bf16
+#define DECODE_BLOCK 4
 #include "linear_blocks.h"
 #undef W
 #undef LOAD8
@@ -51,6 +52,7 @@ int linear_xtile(void) { return XTILE; }
 #undef XTOF
 #undef FTOX
 #undef LINEAR
+#undef DECODE_BLOCK
 
 /* fp32 weight, fp32 activations. */
 #define W float
@@ -61,4 +63,5 @@ int linear_xtile(void) { return XTILE; }
 #define XTOF f32_to_float
 #define FTOX f32_to_float
 #define LINEAR linear_f32
+#define DECODE_BLOCK 8
 #include "linear_blocks.h"

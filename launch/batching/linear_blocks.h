@@ -5,22 +5,55 @@
  *   DOT     a weight row . an fp32 row     (dot_bf16, dot_f32: bf16_simd.h)
  *   X       activation element type (x, bias, y), XTOF/FTOX to and from float
  *   LINEAR  the exported function's name
+ *   DECODE_BLOCK  weight rows per block for 2 to PROMPT_ROWS-1 input rows: 8 (block8x1) or 4 (block4x2)
  * Every output element is computed by the same instructions in the same order whatever the number of
  * rows, so a row's result does not depend on the rows batched with it. */
 
 #define PASTE_(a, b) a##_##b
 #define PASTE(a, b) PASTE_(a, b)
+#define BLOCK4X2 PASTE(block4x2, LINEAR)
 #define BLOCK8X1 PASTE(block8x1, LINEAR)
 #define BLOCK3X4 PASTE(block3x4, LINEAR)
 
-/* 8 weight rows times 1 input row, for decode passes (fewer than PROMPT_ROWS rows), called once per row:
- * the first row streams the 8 weight rows from memory, the others find them in L1/L2. Eight weight
- * streams per thread keep more reads in flight than four (7B-shaped 11008x4096 bf16 weight, 2 threads,
- * 1 row: 19.1 GB/s against 16.6 with a 4x2 block, where a plain read of a large array gives 20.5). A
- * 4-weight-rows x 2-input-rows block was used for 2-8 rows before; in interleaved runs over
- * Qwen2.5-0.5B-shaped fp32 weights on 2 MB pages (1.77 GB) this is as fast at 2 rows and faster at 3-8
- * (3 rows 134 -> 121 ms, 4 rows 143 -> 135, 5 rows 171 -> 157), over SmolLM2-shaped ones 4 rows
- * 48 -> 46 ms and 6 rows 59 -> 54. Each output is the same sequence of operations as in block3x4. */
+/* 4 weight rows times 2 input rows, for bf16 decode passes of 2-8 rows (DECODE_BLOCK 4): 8 accumulators,
+ * 4 widened weights and 2 inputs in 16 registers; each weight is widened once for 2 rows. y1 == NULL:
+ * one input row (x1 is then x0 again and its sums are dropped). */
+static void BLOCK4X2(const W *w, long ld, int n, const float *x0, const float *x1, float *y0, float *y1) {
+    const W *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v0 = LOAD8(w0 + i), v1 = LOAD8(w1 + i), v2 = LOAD8(w2 + i), v3 = LOAD8(w3 + i);
+        __m256 p = _mm256_loadu_ps(x0 + i), q = _mm256_loadu_ps(x1 + i);
+        a00 = _mm256_fmadd_ps(v0, p, a00); a01 = _mm256_fmadd_ps(v1, p, a01);
+        a02 = _mm256_fmadd_ps(v2, p, a02); a03 = _mm256_fmadd_ps(v3, p, a03);
+        a10 = _mm256_fmadd_ps(v0, q, a10); a11 = _mm256_fmadd_ps(v1, q, a11);
+        a12 = _mm256_fmadd_ps(v2, q, a12); a13 = _mm256_fmadd_ps(v3, q, a13);
+    }
+    float r00 = hsum(a00), r01 = hsum(a01), r02 = hsum(a02), r03 = hsum(a03);
+    float r10 = hsum(a10), r11 = hsum(a11), r12 = hsum(a12), r13 = hsum(a13);
+    for (; i < n; i++) {
+        float p = x0[i], q = x1[i];
+        float v0 = WTOF(w0[i]), v1 = WTOF(w1[i]), v2 = WTOF(w2[i]), v3 = WTOF(w3[i]);
+        r00 += v0 * p; r01 += v1 * p; r02 += v2 * p; r03 += v3 * p;
+        r10 += v0 * q; r11 += v1 * q; r12 += v2 * q; r13 += v3 * q;
+    }
+    y0[0] = r00; y0[1] = r01; y0[2] = r02; y0[3] = r03;
+    if (y1) {
+        y1[0] = r10; y1[1] = r11; y1[2] = r12; y1[3] = r13;
+    }
+}
+
+/* 8 weight rows times 1 input row: every 1-row pass, and fp32 decode passes of 2-8 rows (DECODE_BLOCK 8),
+ * called once per row: the first row streams the 8 weight rows from memory, the others find them in
+ * L1/L2. Eight weight streams per thread keep more reads in flight than four (7B-shaped 11008x4096 bf16
+ * weight, 2 threads, 1 row: 19.1 GB/s against 16.6 with block4x2, where a plain read of a large array
+ * gives 20.5). fp32, interleaved runs against block4x2 over Qwen2.5-0.5B-shaped weights on 2 MB pages
+ * (1.77 GB): as fast at 2 rows, faster at 3-8 (3 rows 134 -> 121 ms, 4 rows 143 -> 135, 5 rows 171 ->
+ * 157); over SmolLM2-shaped ones 4 rows 48 -> 46 ms, 6 rows 59 -> 54. bf16 stays on block4x2: widening
+ * every weight again for each row made two 7B-shaped layers slower (4 rows 62 -> 82 ms). Each output is
+ * the same sequence of operations as in the other blocks. */
 static void BLOCK8X1(const W *w, long ld, int n, const float *x, float *y) {
     __m256 a[8];
     for (int k = 0; k < 8; k++)
@@ -44,8 +77,8 @@ static void BLOCK8X1(const W *w, long ld, int n, const float *x, float *y) {
  * Prefill is compute-bound; there, in interleaved runs on the reference machine, it was 6% faster than
  * that 4x2 block over Qwen2.5-0.5B-shaped fp32 layers (53 and 122 rows) and 20% faster over one
  * 7B-shaped bf16 layer (64 rows: 290 -> 233 ms). From memory (decode) it is no faster, so decode keeps
- * block8x1. nx: how many of the 4 input rows are real (the others repeat x0, their sums are dropped).
- * y: [4][3]. Each output is the same sequence of operations as in block8x1. */
+ * the blocks above. nx: how many of the 4 input rows are real (the others repeat x0, their sums are dropped).
+ * y: [4][3]. Each output is the same sequence of operations as in the other blocks. */
 static void BLOCK3X4(const W *w, long ld, int n, const float *x, int nx, float *y) {
     const W *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld;
     const float *xs[4] = {x, nx > 1 ? x + n : x, nx > 2 ? x + 2 * n : x, nx > 3 ? x + 3 * n : x};
@@ -82,7 +115,7 @@ static void BLOCK3X4(const W *w, long ld, int n, const float *x, int nx, float *
 void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, int n_out, int n_in, int threads) {
     for (int m0 = 0; m0 < rows; m0 += XTILE) {
         const int m1 = rows - m0 < XTILE ? rows : m0 + XTILE;
-        const int tile = m1 - m0, per_block = tile >= PROMPT_ROWS ? 3 : 8;
+        const int tile = m1 - m0, per_block = tile >= PROMPT_ROWS ? 3 : tile == 1 ? 8 : DECODE_BLOCK;
         const int blocks = n_out / per_block;
         for (long i = 0; i < (long)tile * n_in; i++)
             buf[i] = XTOF(x[(long)m0 * n_in + i]);
@@ -98,13 +131,15 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
                 continue;
             }
             const W *wb = w + (long)b * per_block * n_in;
-            /* Input rows taken per block call: 4 (3x4) or 1 (8x1); acc holds [rows][per_block]. */
-            const int step = per_block == 3 ? 4 : 1;
+            /* Input rows taken per block call: 4 (3x4), 2 (4x2) or 1 (8x1); acc holds [rows][per_block]. */
+            const int step = per_block == 3 ? 4 : per_block == 4 ? 2 : 1;
             for (int m = m0; m < m1; m += step) {
                 const int nx = m1 - m < step ? m1 - m : step;
                 const float *x0 = buf + (long)(m - m0) * n_in;
                 if (per_block == 8)
                     BLOCK8X1(wb, n_in, n_in, x0, acc);
+                else if (per_block == 4)
+                    BLOCK4X2(wb, n_in, n_in, x0, nx > 1 ? x0 + n_in : x0, acc, nx > 1 ? acc + 4 : 0);
                 else
                     BLOCK3X4(wb, n_in, n_in, x0, nx, acc);
                 for (int r = 0; r < nx; r++)
@@ -118,5 +153,6 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
     }
 }
 
+#undef BLOCK4X2
 #undef BLOCK8X1
 #undef BLOCK3X4
