@@ -77,8 +77,8 @@ static void BLOCK8X1(const W *w, long ld, int n, const float *x, float *y) {
  * Prefill is compute-bound; there, in interleaved runs on the reference machine, it was 6% faster than
  * that 4x2 block over Qwen2.5-0.5B-shaped fp32 layers (53 and 122 rows) and 20% faster over one
  * 7B-shaped bf16 layer (64 rows: 290 -> 233 ms). From memory (decode) it is no faster, so decode keeps
- * the blocks above. nx: how many of the 4 input rows are real (the others repeat x0, their sums are dropped).
- * y: [4][3]. Each output is the same sequence of operations as in the other blocks. */
+ * the blocks above. x: 4 input rows, n apart; nx: how many of them are real (the others repeat x0, their
+ * sums are dropped). y: [4][3]. Each output is the same sequence of operations as in the other blocks. */
 static void BLOCK3X4(const W *w, long ld, int n, const float *x, int nx, float *y) {
     const W *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld;
     const float *xs[4] = {x, nx > 1 ? x + n : x, nx > 2 ? x + 2 * n : x, nx > 3 ? x + 3 * n : x};
