@@ -5,14 +5,14 @@
  *   DOT     a weight row . an fp32 row     (dot_bf16, dot_f32: bf16_simd.h)
  *   X       activation element type (x, bias, y), XTOF/FTOX to and from float
  *   LINEAR  the exported function's name
- *   DECODE_BLOCK  weight rows per block for 2 to PROMPT_ROWS-1 input rows: 8 (block8x1) or 4 (block4x2)
+ *   DECODE_BLOCK  weight rows per block for 2 to PROMPT_ROWS-1 input rows: 8 (block8xn) or 4 (block4x2)
  * Every output element is computed by the same instructions in the same order whatever the number of
  * rows, so a row's result does not depend on the rows batched with it. */
 
 #define PASTE_(a, b) a##_##b
 #define PASTE(a, b) PASTE_(a, b)
 #define BLOCK4X2 PASTE(block4x2, LINEAR)
-#define BLOCK8X1 PASTE(block8x1, LINEAR)
+#define BLOCK8XN PASTE(block8xn, LINEAR)
 #define BLOCK3X4 PASTE(block3x4, LINEAR)
 
 /* 4 weight rows times 2 input rows, for bf16 decode passes of 2-8 rows (DECODE_BLOCK 4): 8 accumulators,
@@ -45,31 +45,48 @@ static void BLOCK4X2(const W *w, long ld, int n, const float *x0, const float *x
     }
 }
 
-/* 8 weight rows times 1 input row: every 1-row pass, and fp32 decode passes of 2-8 rows (DECODE_BLOCK 8),
- * called once per row: the first row streams the 8 weight rows from memory, the others find them in
- * L1/L2. Eight weight streams per thread keep more reads in flight than four (7B-shaped 11008x4096 bf16
- * weight, 2 threads, 1 row: 19.1 GB/s against 16.6 with block4x2, where a plain read of a large array
- * gives 20.5). fp32, interleaved runs against block4x2 over Qwen2.5-0.5B-shaped weights on 2 MB pages
- * (1.77 GB): as fast at 2 rows, faster at 3-8 (3 rows 134 -> 121 ms, 4 rows 143 -> 135, 5 rows 171 ->
- * 157); over SmolLM2-shaped ones 4 rows 48 -> 46 ms, 6 rows 59 -> 54. bf16 stays on block4x2: widening
- * every weight again for each row made two 7B-shaped layers slower (4 rows 62 -> 82 ms). Each output is
- * the same sequence of operations as in the other blocks. */
-static void BLOCK8X1(const W *w, long ld, int n, const float *x, float *y) {
-    __m256 a[8];
-    for (int k = 0; k < 8; k++)
-        a[k] = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 p = _mm256_loadu_ps(x + i);
+/* 8 weight rows times nx input rows (1 to PROMPT_ROWS-1): every 1-row pass, and fp32 decode passes of
+ * 2-8 rows (DECODE_BLOCK 8). Eight weight streams per thread keep more reads in flight than four
+ * (7B-shaped 11008x4096 bf16 weight, 2 threads, 1 row: 19.1 GB/s against 16.6 with block4x2, where a
+ * plain read of a large array gives 20.5).
+ * The columns go in chunks of CHUNK8: in each, the first input row streams the 8 weight rows' chunk from
+ * memory (8 KB of fp32) and the other rows reread it from L1. Running each row over the whole width
+ * instead reread the weights from L2 (a Qwen2.5-0.5B down projection: 8 rows x 4864 fp32 = 155 KB): in
+ * interleaved runs over Qwen2.5-0.5B-shaped fp32 weights on 2 MB pages, 4 rows took 130 -> 116 ms and
+ * 139 -> 127 ms, 8 rows 179 -> 159; 1 row and SmolLM2-shaped weights (576 wide, already in L1) the same.
+ * Accumulators wait in memory between chunks (8 stores and loads per 256 FMAs).
+ * bf16 decode passes stay on block4x2: widening every weight again for each row made two 7B-shaped layers
+ * slower (4 rows 62 -> 82 ms). Each output is the same sequence of operations as in the other blocks. */
+#define CHUNK8 256
+static void BLOCK8XN(const W *w, long ld, int n, const float *x, int nx, float *y) {
+    __m256 acc[PROMPT_ROWS - 1][8];
+    for (int m = 0; m < nx; m++)
         for (int k = 0; k < 8; k++)
-            a[k] = _mm256_fmadd_ps(LOAD8(w + k * ld + i), p, a[k]);
+            acc[m][k] = _mm256_setzero_ps();
+    const int n8 = n & ~7;
+    for (int c = 0; c < n8; c += CHUNK8) {
+        const int e = c + CHUNK8 < n8 ? c + CHUNK8 : n8;
+        for (int m = 0; m < nx; m++) {
+            const float *xm = x + (long)m * n;
+            __m256 a[8];
+            for (int k = 0; k < 8; k++)
+                a[k] = acc[m][k];
+            for (int i = c; i < e; i += 8) {
+                __m256 p = _mm256_loadu_ps(xm + i);
+                for (int k = 0; k < 8; k++)
+                    a[k] = _mm256_fmadd_ps(LOAD8(w + k * ld + i), p, a[k]);
+            }
+            for (int k = 0; k < 8; k++)
+                acc[m][k] = a[k];
+        }
     }
-    for (int k = 0; k < 8; k++) {
-        float r = hsum(a[k]);
-        for (int j = i; j < n; j++)
-            r += WTOF(w[k * ld + j]) * x[j];
-        y[k] = r;
-    }
+    for (int m = 0; m < nx; m++)
+        for (int k = 0; k < 8; k++) {
+            float r = hsum(acc[m][k]);
+            for (int j = n8; j < n; j++)
+                r += WTOF(w[k * ld + j]) * x[(long)m * n + j];
+            y[m * 8 + k] = r;
+        }
 }
 
 /* 3 weight rows times 4 input rows, for prompts (a pass of PROMPT_ROWS rows or more): 12 accumulators,
@@ -121,7 +138,7 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
             buf[i] = XTOF(x[(long)m0 * n_in + i]);
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int b = 0; b < blocks + 1; b++) {
-            float acc[12];
+            float acc[8 * (PROMPT_ROWS - 1)];  /* the largest block: 8x8 */
             if (b == blocks) {  /* the last n_out % per_block weight rows, one at a time */
                 for (int o = per_block * blocks; o < n_out; o++)
                     for (int m = m0; m < m1; m++) {
@@ -131,13 +148,14 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
                 continue;
             }
             const W *wb = w + (long)b * per_block * n_in;
-            /* Input rows taken per block call: 4 (3x4), 2 (4x2) or 1 (8x1); acc holds [rows][per_block]. */
-            const int step = per_block == 3 ? 4 : per_block == 4 ? 2 : 1;
+            /* Input rows taken per block call: 4 (3x4), 2 (4x2) or all of them (8xn, fewer than PROMPT_ROWS);
+             * acc holds [rows][per_block]. */
+            const int step = per_block == 3 ? 4 : per_block == 4 ? 2 : tile;
             for (int m = m0; m < m1; m += step) {
                 const int nx = m1 - m < step ? m1 - m : step;
                 const float *x0 = buf + (long)(m - m0) * n_in;
                 if (per_block == 8)
-                    BLOCK8X1(wb, n_in, n_in, x0, acc);
+                    BLOCK8XN(wb, n_in, n_in, x0, nx, acc);
                 else if (per_block == 4)
                     BLOCK4X2(wb, n_in, n_in, x0, nx > 1 ? x0 + n_in : x0, acc, nx > 1 ? acc + 4 : 0);
                 else
@@ -154,5 +172,6 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
 }
 
 #undef BLOCK4X2
-#undef BLOCK8X1
+#undef BLOCK8XN
+#undef CHUNK8
 #undef BLOCK3X4
