@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from launch.bench_stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
-from launch.config import REPO_ROOT, ArenaConfig, load_config, write_config
+from launch.config import REPO_ROOT, ArenaConfig, ConfigError, load_config, write_config
 from launch.hardware import cpu_count, resolve_dtype
 from launch.ports import on_free_ports
 from launch.state import is_ours, read_state
@@ -58,10 +58,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="repeats per measurement (rounds over every client count for the concurrency figures); "
                         "medians are reported, min-max as noise (default 3, quick 1)")
-    p.add_argument("--clients", default=None,
+    p.add_argument("--clients", type=client_counts, default=None,
                    help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p.parse_args(argv)
+
+
+def client_counts(spec: str) -> tuple[int, ...]:
+    """--clients: comma-separated positive counts."""
+    try:
+        counts = tuple(int(c) for c in spec.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give client counts as positive integers, e.g. 1,2,4,8")
+    return counts
+
+
+def selected_models(cfg: ArenaConfig, spec: str | None) -> list[str]:
+    """--models: the named subset of the configured models, in the order given (default: all)."""
+    configured = [m.name for m in cfg.models]
+    if not spec:
+        return configured
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in configured]
+    if unknown or not names:
+        raise ConfigError(f"--models {spec!r}: {', '.join(unknown) or 'no name'} not configured in {cfg.source}; "
+                          f"the models there are: {', '.join(configured)}")
+    return names
 
 
 def _bench_config(cfg: ArenaConfig, models: list[str], worker: str | None, run_dir: Path) -> Path:
@@ -220,10 +244,10 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
     args = parse_args(argv)
     if args.shape:
         return run_shape(args)
-    names = args.models.split(",") if args.models else [m.name for m in cfg.models]
+    names = selected_models(cfg, args.models)
     tokens = args.tokens or (16 if args.quick else 48)
     repeats = args.repeats or (1 if args.quick else 3)
-    clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else ((1, 2) if args.quick else CLIENTS)
+    clients = args.clients or ((1, 2) if args.quick else CLIENTS)
     headers = {"Authorization": f"Bearer {cfg.server.resolved_api_keys()[0]}"} if cfg.server.resolved_api_keys() else {}
 
     # The stack: the running one for this config, else our own on free ports.

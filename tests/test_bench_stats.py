@@ -124,3 +124,29 @@ def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, mo
     assert out["bandwidth_gbs"] == pytest.approx(6.5)  # median of all twelve probes
     assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(sum(out["roofline_fraction_per_repeat"]) / 2)
     assert out["batch4_aggregate_tokens_per_s"]["median"] > 0
+
+
+def test_bench_names_an_unknown_model_and_the_configured_ones():
+    from launch import bench
+    from launch.config import ConfigError, load_config
+
+    cfg = load_config()
+    configured = [m.name for m in cfg.models]
+    assert bench.selected_models(cfg, None) == configured
+    assert bench.selected_models(cfg, f" {configured[-1]} ") == [configured[-1]]
+    with pytest.raises(ConfigError) as e:
+        bench.selected_models(cfg, f"{configured[0]},qwen2.5-0.5b")
+    assert "qwen2.5-0.5b" in str(e.value) and all(n in str(e.value) for n in configured)
+    with pytest.raises(ConfigError):
+        bench.selected_models(cfg, ",")
+
+
+@pytest.mark.parametrize("spec", ["1,x", "0,2", ""])
+def test_bench_refuses_client_counts_that_are_not_positive_integers(spec, capsys):
+    from launch import bench
+
+    assert bench.parse_args(["--clients", "1,4"]).clients == (1, 4)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--clients", spec])
+    assert e.value.code == 2
+    assert "positive integers" in capsys.readouterr().err
