@@ -153,3 +153,21 @@ def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_outp
         got = [parent.gate_proj(xs[0]), parent.up_proj(xs[1])]  # different inputs: no shortcut taken
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_after_prepacking_the_model_still_lists_every_weight_it_reads(backend, monkeypatch):
+    """hugepages.collapse_model walks parameters and buffers: the fused q/k/v and gate/up weights must be
+    among them, or most of a served model's weights stay on 4 kB pages."""
+    from launch.batching import hugepages
+
+    model = _tiny_qwen2()
+    prepack_linears(model)
+    group = model.model.layers[0].mlp.gate_proj.group
+    seen = []
+    monkeypatch.setattr(hugepages, "collapse", lambda ts: seen.extend(ts) or (0, ""))
+    hugepages.collapse_model(model)
+    walked = {t.data_ptr() for t in seen if t.layout == torch.strided and not t.is_mkldnn}
+    if not backend.copies:  # oneDNN's packed weights are opaque: nothing to collapse there
+        assert group.weight.data_ptr() in walked
+        assert model.model.layers[1].self_attn.q_proj.group.weight.data_ptr() in walked
+    assert not any("fused" in key for key in model.state_dict())  # kernel layouts are not saved

@@ -166,6 +166,12 @@ class SharedInputLinear(nn.Module):
         super().__init__()
         self.group, self.index = group, index
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if index == 0:
+            # The first projection owns the fused tensors, so that model.buffers() walks them like any
+            # weight (hugepages.collapse_model put only half of Qwen2.5-0.5B's weights on 2 MB pages while
+            # they sat in the plain group object). Non-persistent: kernel layouts have no place in a state dict.
+            self.register_buffer("fused_weight", group.weight, persistent=False)
+            self.register_buffer("fused_bias", group.bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(x, self.index)
