@@ -1,11 +1,12 @@
-"""Weights on 2 MB pages (launch/batching/hugepages.py): collapsed in place, contents kept, best effort."""
+"""Weights on 2 MB pages (launch/batching/hugepages.py): gathered into an aligned arena and collapsed in place,
+contents and identities kept, memory not doubled, best effort."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from launch.batching.hugepages import HUGE, collapse, collapse_model, huge_bytes
+from launch.batching.hugepages import GATHER_MIN, HUGE, collapse, collapse_model, gather, huge_bytes
 
 
 def test_collapse_puts_a_tensor_on_huge_pages_in_place():
@@ -41,4 +42,63 @@ def test_collapse_model_covers_parameters_and_buffers(monkeypatch):
 def test_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("CPU_ARENA_NO_HUGEPAGES", "1")
     t = torch.zeros(8 << 20)
+    ptr = t.data_ptr()
     assert collapse([t]) == (0, "CPU_ARENA_NO_HUGEPAGES is set")
+    assert gather([t]) == 0 and t.data_ptr() == ptr
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_gather_moves_whole_tensors_into_one_aligned_arena_in_place():
+    torch.manual_seed(0)
+    odd = torch.randn((3 << 20) + 123)  # 12 MB and a bit: its ends would miss 2 MB pages where it was
+    bf = torch.randn(500, 700).bfloat16()
+    small = torch.randn(100)  # below GATHER_MIN: stays
+    big = torch.randn(4 << 20)
+    view = big[10:]  # shares its storage with `big`: moving it would split them
+    want = [t.clone() for t in (odd, bf, small, view)]
+    ids, small_ptr, view_ptr = [id(t) for t in (odd, bf)], small.data_ptr(), view.data_ptr()
+    moved = gather([odd, bf, odd, small, view])
+    assert moved >= odd.numel() * 4 + bf.numel() * 2 and small.numel() * 4 < GATHER_MIN
+    assert [id(t) for t in (odd, bf)] == ids  # the same objects hold the new data
+    assert odd.data_ptr() % HUGE == 0  # the arena starts on a 2 MB boundary
+    assert odd.untyped_storage().data_ptr() == bf.untyped_storage().data_ptr()  # one arena
+    assert small.data_ptr() == small_ptr and view.data_ptr() == view_ptr
+    for t, w in zip((odd, bf, small, view), want, strict=True):
+        assert torch.equal(t, w)
+
+
+def test_a_gathered_model_keeps_its_tied_weights_and_its_output():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(3000, 64), torch.nn.Linear(64, 3000, bias=False)).eval()
+    model[1].weight = model[0].weight
+    ids = torch.tensor([[1, 2, 2999]])
+    with torch.inference_mode():
+        want = model(ids)
+    collapse_model(model)
+    assert model[1].weight is model[0].weight and model[0].weight.data_ptr() % HUGE == 0
+    with torch.inference_mode():
+        assert torch.equal(model(ids), want)
+
+
+def test_gathering_does_not_keep_both_copies():
+    # Freeing one big block raises glibc's mmap threshold, so the tensors below land on the heap, as a
+    # checkpoint's weights do: gather must hand their old pages back, not only drop them.
+    block = torch.ones(8 << 20, dtype=torch.uint8)
+    del block
+    ts = [torch.ones(1 << 18) for _ in range(100)]  # 100 MB in 1 MB tensors
+    before = _rss_kb()
+    assert gather(ts) >= 100 << 20
+    assert _rss_kb() - before < (100 << 10) // 4
+
+
+def test_after_gathering_a_small_odd_tensor_sits_on_huge_pages():
+    t = torch.ones((1 << 20) + 7)  # 4 MB and a bit, unaligned: collapsing it where it was got 2 MB at most
+    gather([t])
+    done, why = collapse([t])
+    if done == 0:
+        pytest.skip(f"this kernel does not collapse pages: {why}")
+    assert huge_bytes(t) >= t.numel() * 4

@@ -22,9 +22,6 @@ for comparison.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from launch.batching.hugepages import give_back_freed_memory
 from launch.batching.native import native_kernel
 
 log = logging.getLogger("batching")
@@ -238,17 +236,5 @@ def prepack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == dtype:
                 setattr(parent, name, KernelLinear(child, backend))
                 n += 1
-    _give_back_freed_memory()
+    give_back_freed_memory()
     return n
-
-
-def _give_back_freed_memory() -> None:
-    # The plain weights are freed now, but glibc keeps freed heap pages in its arenas: without a
-    # trim the worker's RSS stays at plain + packed (SmolLM2: 1.42 GB instead of 1.00 GB).
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        try:
-            ctypes.CDLL(libc).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
