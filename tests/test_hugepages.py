@@ -47,6 +47,13 @@ def test_can_be_switched_off(monkeypatch):
     assert gather([t]) == 0 and t.data_ptr() == ptr
 
 
+def test_nothing_is_copied_where_transparent_huge_pages_are_off(monkeypatch):
+    monkeypatch.setattr("launch.batching.hugepages._thp_never", lambda: True)
+    t = torch.zeros(8 << 20)
+    ptr = t.data_ptr()
+    assert gather([t]) == 0 and t.data_ptr() == ptr
+
+
 def _rss_kb() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

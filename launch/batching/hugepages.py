@@ -5,7 +5,7 @@ on this machine the bf16 kernel read a 7B-shaped weight at 18.9 GB/s on 4 kB pag
 once collapsed to 2 MB pages (and the bench's bandwidth probe 17.3 vs 19.7 GB/s, which is why the
 probe collapses its array too: the roofline compares like with like). Transparent huge pages are
 "madvise" here, so nothing gets them unless asked. MADV_COLLAPSE (Linux 6.1+) rebuilds the pages of
-a range synchronously, in place: no copy in Python, no second set of weights; ~2 s per GB.
+a range synchronously, in place; ~2 s per GB.
 
 Only whole aligned 2 MB pages inside a tensor can be collapsed; a tensor's unaligned ends stay on 4 kB
 pages. That is little for a 7B model, but SmolLM2's projections are 1-7 MB each: 0.30 of its 0.54 GB
@@ -75,16 +75,18 @@ def collapse(tensors: Iterable[torch.Tensor]) -> tuple[int, str]:
 # Tensors smaller than this stay where they are (norms, biases): they are not worth a page of their own.
 GATHER_MIN = 64 << 10
 ALIGN = 64  # each tensor in the arena starts on a cache line, as torch's allocator places them
+TRIM_EVERY = 512 << 20  # bytes moved between two hand-backs of freed heap pages (a trim costs a few ms)
 
 
 def gather(tensors: Iterable[torch.Tensor]) -> int:
     """Move the data of every tensor that owns its whole storage (GATHER_MIN bytes or more) into one
     anonymous mapping, 2 MB-aligned and advised MADV_HUGEPAGE before it is touched; returns the bytes
     moved. In place: each tensor object keeps its identity (`t.data = view`), so tied weights stay
-    tied and every holder of a tensor sees the move; the old storage is freed as soon as it is copied,
-    so memory peaks at the weights plus the largest tensor, not twice the weights. Tensors that share
-    a storage with another (views) or are opaque are left where they are."""
-    if os.environ.get("CPU_ARENA_NO_HUGEPAGES"):
+    tied and every holder of a tensor sees the move. The old storage is freed once copied, and freed
+    heap pages are handed back every TRIM_EVERY bytes, so memory peaks at the weights plus about that
+    much, not twice the weights (a 7B model must fit in 24 GB). Tensors that share a storage with
+    another (views) or are opaque are left where they are. Nothing moves where THP is "never"."""
+    if os.environ.get("CPU_ARENA_NO_HUGEPAGES") or _thp_never():
         return 0
     owners: dict[int, torch.Tensor] = {}
     for t in tensors:
@@ -107,7 +109,7 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
     # The arena: whole 2 MB pages from a 2 MB boundary (so collapse() covers it exactly); it keeps `area`
     # mapped as long as any tensor views it.
     arena = torch.frombuffer(area, dtype=torch.uint8, offset=start, count=whole)
-    offset = 0
+    offset, untrimmed = 0, 0
     with torch.no_grad():
         for t, size in zip(owners.values(), sizes, strict=True):
             n = t.numel() * t.element_size()
@@ -115,8 +117,20 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
             view.copy_(t)
             t.data = view
             offset += size
+            untrimmed += size
+            if untrimmed >= TRIM_EVERY:
+                give_back_freed_memory()
+                untrimmed = 0
     give_back_freed_memory()  # the old storages (Qwen2.5-0.5B: RSS 2.27 GB -> 2.69 GB without this)
     return total
+
+
+def _thp_never() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" in f.read()
+    except OSError:
+        return False
 
 
 def collapse_model(model: torch.nn.Module) -> tuple[int, str]:
@@ -142,8 +156,8 @@ def huge_bytes(t: torch.Tensor) -> int:
 
 
 def give_back_freed_memory() -> None:
-    # The plain weights are freed now, but glibc keeps freed heap pages in its arenas: without a
-    # trim the worker's RSS stays at plain + packed (SmolLM2: 1.42 GB instead of 1.00 GB).
+    # glibc keeps freed heap pages in its arenas: without a trim, RSS keeps replaced weights too
+    # (prepack_linears on SmolLM2: 1.42 GB instead of 1.00 GB).
     gc.collect()
     libc = ctypes.util.find_library("c")
     if libc:
