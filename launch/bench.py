@@ -80,7 +80,7 @@ def selected_models(cfg: ArenaConfig, spec: str | None) -> list[str]:
     configured = [m.name for m in cfg.models]
     if not spec:
         return configured
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))  # in order, once each
     unknown = [n for n in names if n not in configured]
     if unknown or not names:
         raise ConfigError(f"--models {spec!r}: {', '.join(unknown) or 'no name'} not configured in {cfg.source}; "
