@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.batching.hugepages import GATHER_MIN, HUGE, collapse, collapse_model, gather, huge_bytes
+from launch.batching.hugepages import GATHER_MIN, HUGE, _thp_never, collapse, collapse_model, gather, huge_bytes
+
+# gather copies nothing where transparent huge pages are off (tested below with that switch faked).
+needs_thp = pytest.mark.skipif(_thp_never(), reason="transparent huge pages are 'never' here")
 
 
 def test_collapse_puts_a_tensor_on_huge_pages_in_place():
@@ -59,6 +62,7 @@ def _rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+@needs_thp
 def test_gather_moves_whole_tensors_into_one_aligned_arena_in_place():
     torch.manual_seed(0)
     odd = torch.randn((3 << 20) + 123)  # 12 MB and a bit: its ends would miss 2 MB pages where it was
@@ -78,6 +82,7 @@ def test_gather_moves_whole_tensors_into_one_aligned_arena_in_place():
         assert torch.equal(t, w)
 
 
+@needs_thp
 def test_a_gathered_model_keeps_its_tied_weights_and_its_output():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(3000, 64), torch.nn.Linear(64, 3000, bias=False)).eval()
@@ -91,6 +96,7 @@ def test_a_gathered_model_keeps_its_tied_weights_and_its_output():
         assert torch.equal(model(ids), want)
 
 
+@needs_thp
 def test_gathering_does_not_keep_both_copies():
     # Freeing one big block raises glibc's mmap threshold, so the tensors below land on the heap, as a
     # checkpoint's weights do: gather must hand their old pages back, not only drop them.
@@ -102,6 +108,7 @@ def test_gathering_does_not_keep_both_copies():
     assert _rss_kb() - before < (100 << 10) // 4
 
 
+@needs_thp
 def test_after_gathering_a_small_odd_tensor_sits_on_huge_pages():
     t = torch.ones((1 << 20) + 7)  # 4 MB and a bit, unaligned: collapsing it where it was got 2 MB at most
     gather([t])
