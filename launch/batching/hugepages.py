@@ -88,19 +88,21 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
     another (views) or are opaque are left where they are. Nothing moves where THP is "never"."""
     if os.environ.get("CPU_ARENA_NO_HUGEPAGES") or _thp_never():
         return 0
-    owners: dict[int, torch.Tensor] = {}
+    owners: dict[int, tuple[torch.Tensor, int]] = {}  # storage address -> (tensor, its bytes)
     for t in tensors:
         if t.layout != torch.strided or t.is_mkldnn or t.device.type != "cpu" or not t.is_contiguous():
             continue
         storage = t.untyped_storage()
-        if storage.nbytes() != t.numel() * t.element_size() or t.storage_offset() != 0:
+        n = t.numel() * t.element_size()
+        if storage.nbytes() != n or t.storage_offset() != 0:
             continue  # a view of a larger storage: moving it would part it from the rest
-        if storage.nbytes() >= GATHER_MIN:
-            owners.setdefault(storage.data_ptr(), t)
+        if n >= GATHER_MIN:
+            owners.setdefault(storage.data_ptr(), (t, n))
     if not owners:
         return 0
-    sizes = [(t.numel() * t.element_size() + ALIGN - 1) // ALIGN * ALIGN for t in owners.values()]
-    total = sum(sizes)
+    # (tensor, its bytes, its slot in the arena: the bytes rounded up to ALIGN)
+    slots = [(t, n, (n + ALIGN - 1) // ALIGN * ALIGN) for t, n in owners.values()]
+    total = sum(size for _, _, size in slots)
     whole = (total + HUGE - 1) // HUGE * HUGE
     area = mmap.mmap(-1, whole + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(area, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -111,8 +113,7 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
     arena = torch.frombuffer(area, dtype=torch.uint8, offset=start, count=whole)
     offset, untrimmed = 0, 0
     with torch.no_grad():
-        for t, size in zip(owners.values(), sizes, strict=True):
-            n = t.numel() * t.element_size()
+        for t, n, size in slots:
             view = arena[offset:offset + n].view(t.dtype).view(t.shape)
             view.copy_(t)
             t.data = view
