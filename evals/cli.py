@@ -100,17 +100,23 @@ def cmd_run(args) -> int:
         return 2
     if args.limit:
         questions = questions[: args.limit]
-    models = _split(args.models)
-    if not models:
-        try:
-            models = client_mod.list_models(client_mod.make_client(base_url, api_key, 30.0))
-        except Exception as e:  # noqa: BLE001
-            print(f"error: cannot list models at {base_url}/models: {type(e).__name__}: {e}\n"
-                  "is the stack up (`make up`)? or pass --base-url / --models", file=sys.stderr)
-            return 2
-        if not models:
-            print(f"error: {base_url} serves no models yet", file=sys.stderr)
-            return 2
+    # Checked against what the API serves before anything runs: a misspelt or stopped model would
+    # otherwise cost one error answer per question.
+    try:
+        served = client_mod.list_models(client_mod.make_client(base_url, api_key, 30.0))
+    except Exception as e:  # noqa: BLE001
+        print(f"error: cannot list models at {base_url}/models: {type(e).__name__}: {e}\n"
+              "is the stack up (`make up`)? or pass --base-url", file=sys.stderr)
+        return 2
+    if not served:
+        print(f"error: {base_url} serves no models yet", file=sys.stderr)
+        return 2
+    models = _split(args.models) or served
+    unknown = [m for m in models if m not in served]
+    if unknown:
+        print(f"error: --models: {', '.join(unknown)} not served at {base_url} (served: {', '.join(served)}); "
+              "check the name, or whether its worker is up (`make status`)", file=sys.stderr)
+        return 2
     settings = RunSettings(
         base_url=base_url, models=models,
         questions_files=[str(p) for p in files] or [str(p) for p in _shipped_files()],

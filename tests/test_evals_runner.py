@@ -26,6 +26,11 @@ QUESTIONS = [{"id": f"q{i}", "category": "c", "question": f"question {i}", "keyp
              for i in range(4)]
 
 
+# What the fake's /v1/models lists by default; it answers every model named in FakeServer's docstring.
+LISTED = ("good", "good2")
+EVERY_MODEL = (*LISTED, "usage", "crash", "errchunk", "drop")
+
+
 class FakeServer:
     """Mimics FastChat's API: streams words, no usage unless asked, token_check, error chunks.
 
@@ -33,8 +38,8 @@ class FakeServer:
     {"text", "error_code"} chunk, "drop" closes the stream without a finish reason, "usage" sends usage.
     """
 
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
+    def __init__(self, delay: float = 0.0, listed: tuple[str, ...] = LISTED):
+        self.delay, self.listed = delay, listed
         self.requests: list[tuple[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -46,7 +51,7 @@ class FakeServer:
 
         @app.get("/v1/models")
         async def models():
-            return {"object": "list", "data": [{"id": m, "object": "model"} for m in ("good", "good2")]}
+            return {"object": "list", "data": [{"id": m, "object": "model"} for m in self.listed]}
 
         @app.post("/api/v1/token_check")
         async def token_check(req: Request):
@@ -102,8 +107,8 @@ def fake():
     """Yields a function starting a FakeServer on a free port; every server is stopped at the end."""
     servers = []
 
-    def start(delay: float = 0.0) -> tuple[FakeServer, str]:
-        fs = FakeServer(delay)
+    def start(delay: float = 0.0, listed: tuple[str, ...] = LISTED) -> tuple[FakeServer, str]:
+        fs = FakeServer(delay, listed)
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(fs.app, host="127.0.0.1", port=port, log_level="warning"))
         t = threading.Thread(target=server.run, daemon=True)
@@ -151,7 +156,7 @@ def test_run_records_every_field_for_every_served_model(fake, qfile, tmp_path):
 
 
 def test_usage_from_the_server_is_preferred(fake, qfile, tmp_path):
-    _, url = fake()
+    _, url = fake(listed=EVERY_MODEL)
     out = tmp_path / "run"
     assert _run(url, qfile, out, "--models", "usage", "--limit", "1") == 0
     (a,) = store.read_answers(out)
@@ -159,7 +164,7 @@ def test_usage_from_the_server_is_preferred(fake, qfile, tmp_path):
 
 
 def test_failures_are_recorded_and_the_run_goes_on(fake, qfile, tmp_path):
-    fs, url = fake()
+    fs, url = fake(listed=EVERY_MODEL)
     out = tmp_path / "run"
     assert _run(url, qfile, out, "--models", "crash,errchunk,drop,good") == 0
     answers = {a.key: a for a in store.read_answers(out)}
@@ -210,7 +215,7 @@ def test_resume_after_interrupt_skips_what_is_done(fake, qfile, tmp_path):
 
 
 def test_default_run_resumes_the_unfinished_latest_run(fake, qfile, tmp_path):
-    fs, url = fake()
+    fs, url = fake(listed=EVERY_MODEL)
     root = tmp_path / "runs"
     args = ["run", "--base-url", url, "--questions", str(qfile), "--runs-root", str(root), "--models", "good,crash",
             "--max-tokens", "32"]
@@ -242,9 +247,20 @@ def test_concurrency_bounds_requests_in_flight(fake, qfile, tmp_path, concurrenc
         assert time.monotonic() - t0 < 8 * 0.4  # overlapped, not sequential
 
 
+def test_a_model_the_api_does_not_serve_is_refused_before_anything_runs(fake, qfile, tmp_path, capsys):
+    fs, url = fake()
+    out = tmp_path / "run"
+    assert _run(url, qfile, out, "--models", "good,goood,other") == 2
+    err = capsys.readouterr().err
+    assert "goood, other not served" in err and "served: good, good2" in err
+    assert fs.requests == [] and not out.exists()  # nothing asked, no run directory left behind
+
+
 def test_unreachable_api_is_a_clear_error(qfile, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}/v1"
     assert _run(url, qfile, tmp_path / "run") == 2
+    assert "cannot list models" in capsys.readouterr().err
+    assert _run(url, qfile, tmp_path / "run", "--models", "good") == 2  # named models are checked too
     assert "cannot list models" in capsys.readouterr().err
 
 
