@@ -25,7 +25,7 @@ TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-3, 1.01), torch.float32: (1e-5, 1e-5, 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256)])
+@pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256), (10, 2100)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 2 * XTILE + 3])  # the last spans three passes over the weight
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
@@ -44,7 +44,8 @@ def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_in", [200, 1003])  # 1003: several column chunks of block8xn and a tail
+@pytest.mark.parametrize("n_in", [200, 1003, 2100])  # 1003: several column chunks of block8xn and a tail;
+# 2100: three column chunks of a prompt pass (KCHUNK 1024) and a tail
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, n_in):
     """The batching worker's batched == single rests on this: bitwise, for every batch size."""
     torch.manual_seed(0)

@@ -30,6 +30,9 @@
  * it takes block3x4 (compute-bound, linear_blocks.h), fewer rows the blocks tuned for reading memory. */
 #define PROMPT_ROWS 9
 
+/* Columns per chunk of a prompt pass (linear_blocks.h, PROMPT_BLOCK says why). A multiple of 8. */
+#define KCHUNK 1024
+
 /* The scratch the caller allocates depends on it (native.py reads it here, so the two cannot disagree). */
 int linear_xtile(void) { return XTILE; }
 

@@ -14,6 +14,7 @@
 #define BLOCK4X2 PASTE(block4x2, LINEAR)
 #define BLOCK8XN PASTE(block8xn, LINEAR)
 #define BLOCK3X4 PASTE(block3x4, LINEAR)
+#define PROMPT_BLOCK PASTE(prompt_block, LINEAR)
 
 /* 4 weight rows times 2 input rows, for bf16 decode passes of 2-8 rows (DECODE_BLOCK 4): 8 accumulators,
  * 4 widened weights and 2 inputs in 16 registers; each weight is widened once for 2 rows. y1 == NULL:
@@ -95,15 +96,16 @@ static void BLOCK8XN(const W *w, long ld, int n, const float *x, int nx, float *
  * that 4x2 block over Qwen2.5-0.5B-shaped fp32 layers (53 and 122 rows) and 20% faster over one
  * 7B-shaped bf16 layer (64 rows: 290 -> 233 ms). From memory (decode) it is no faster, so decode keeps
  * the blocks above. x: 4 input rows, n apart; nx: how many of them are real (the others repeat x0, their
- * sums are dropped). y: [4][3]. Each output is the same sequence of operations as in the other blocks. */
-static void BLOCK3X4(const W *w, long ld, int n, const float *x, int nx, float *y) {
+ * sums are dropped).
+ * It runs over columns [c, e) only and keeps its 12 accumulators in acc (memory) between calls: a prompt pass
+ * goes over the columns in chunks of KCHUNK (see LINEAR). Each output is the same sequence of operations as
+ * in the other blocks. */
+static void BLOCK3X4(const W *w, long ld, int c, int e, const float *x, long n, int nx, __m256 *acc) {
     const W *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld;
-    const float *xs[4] = {x, nx > 1 ? x + n : x, nx > 2 ? x + 2 * n : x, nx > 3 ? x + 3 * n : x};
-    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00;
-    __m256 a20 = a00, a21 = a00, a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
+    const float *x0 = x, *x1 = nx > 1 ? x + n : x, *x2 = nx > 2 ? x + 2 * n : x, *x3 = nx > 3 ? x + 3 * n : x;
+    __m256 a00 = acc[0], a01 = acc[1], a02 = acc[2], a10 = acc[3], a11 = acc[4], a12 = acc[5];
+    __m256 a20 = acc[6], a21 = acc[7], a22 = acc[8], a30 = acc[9], a31 = acc[10], a32 = acc[11];
+    for (int i = c; i < e; i += 8) {
         __m256 v0 = LOAD8(w0 + i), v1 = LOAD8(w1 + i), v2 = LOAD8(w2 + i), p;
         p = _mm256_loadu_ps(x0 + i);
         a00 = _mm256_fmadd_ps(v0, p, a00); a01 = _mm256_fmadd_ps(v1, p, a01); a02 = _mm256_fmadd_ps(v2, p, a02);
@@ -114,14 +116,38 @@ static void BLOCK3X4(const W *w, long ld, int n, const float *x, int nx, float *
         p = _mm256_loadu_ps(x3 + i);
         a30 = _mm256_fmadd_ps(v0, p, a30); a31 = _mm256_fmadd_ps(v1, p, a31); a32 = _mm256_fmadd_ps(v2, p, a32);
     }
-    const float r[4][3] = {{hsum(a00), hsum(a01), hsum(a02)}, {hsum(a10), hsum(a11), hsum(a12)},
-                           {hsum(a20), hsum(a21), hsum(a22)}, {hsum(a30), hsum(a31), hsum(a32)}};
-    for (int m = 0; m < nx; m++)
+    acc[0] = a00; acc[1] = a01; acc[2] = a02; acc[3] = a10; acc[4] = a11; acc[5] = a12;
+    acc[6] = a20; acc[7] = a21; acc[8] = a22; acc[9] = a30; acc[10] = a31; acc[11] = a32;
+}
+
+/* A prompt pass over 3 weight rows (wb) for all tile input rows (buf), into y. The columns go in chunks of
+ * KCHUNK; in each, the 3 rows' chunk is multiplied with every group of 4 input rows. Why: over a whole
+ * 4096-wide row, 3 bf16 weight rows (24 KB) and 4 input rows (64 KB) overflow L1, so every group of input
+ * rows read the weights again from L2. In interleaved kernel-only runs over one 7B-shaped bf16 layer, 64
+ * rows took 287 -> 254 ms and 16 rows 79 -> 68 ms; over Qwen2.5-0.5B-shaped fp32 layers (896 wide, one
+ * chunk but the down projection) 52 rows 53 -> 47 ms and 130 rows 132 -> 127 ms. Chunks of 128-512 columns
+ * were slower than none (each chunk restarts the weight streams), 2048 no better than 1024. */
+static void PROMPT_BLOCK(const W *wb, int n_in, const float *buf, int tile, const X *bias, int o0,
+                         X *y, long ldy) {
+    __m256 acc[XTILE / 4][12];
+    const int groups = (tile + 3) / 4, n8 = n_in & ~7;
+    for (int g = 0; g < groups; g++)
+        for (int k = 0; k < 12; k++)
+            acc[g][k] = _mm256_setzero_ps();
+    for (int c = 0; c < n8; c += KCHUNK) {
+        const int e = c + KCHUNK < n8 ? c + KCHUNK : n8;
+        for (int g = 0; g < groups; g++) {
+            const int nx = tile - 4 * g < 4 ? tile - 4 * g : 4;
+            BLOCK3X4(wb, n_in, c, e, buf + (long)4 * g * n_in, n_in, nx, acc[g]);
+        }
+    }
+    for (int m = 0; m < tile; m++)
         for (int k = 0; k < 3; k++) {
-            float s = r[m][k];
-            for (int j = i; j < n; j++)
-                s += WTOF(w[k * ld + j]) * xs[m][j];
-            y[m * 3 + k] = s;
+            float r = hsum(acc[m / 4][(m % 4) * 3 + k]);
+            const float *xm = buf + (long)m * n_in;
+            for (int j = n8; j < n_in; j++)
+                r += WTOF(wb[(long)k * n_in + j]) * xm[j];
+            y[m * ldy + o0 + k] = FTOX(bias ? r + XTOF(bias[o0 + k]) : r);
         }
 }
 
@@ -148,18 +174,20 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
                 continue;
             }
             const W *wb = w + (long)b * per_block * n_in;
-            /* Input rows taken per block call: 4 (3x4), 2 (4x2) or all of them (8xn, fewer than PROMPT_ROWS);
+            if (per_block == 3) {
+                PROMPT_BLOCK(wb, n_in, buf, tile, bias, 3 * b, y + (long)m0 * n_out, n_out);
+                continue;
+            }
+            /* Input rows taken per block call: 2 (4x2) or all of them (8xn, fewer than PROMPT_ROWS);
              * acc holds [rows][per_block]. */
-            const int step = per_block == 3 ? 4 : per_block == 4 ? 2 : tile;
+            const int step = per_block == 4 ? 2 : tile;
             for (int m = m0; m < m1; m += step) {
                 const int nx = m1 - m < step ? m1 - m : step;
                 const float *x0 = buf + (long)(m - m0) * n_in;
                 if (per_block == 8)
                     BLOCK8XN(wb, n_in, n_in, x0, nx, acc);
-                else if (per_block == 4)
-                    BLOCK4X2(wb, n_in, n_in, x0, nx > 1 ? x0 + n_in : x0, acc, nx > 1 ? acc + 4 : 0);
                 else
-                    BLOCK3X4(wb, n_in, n_in, x0, nx, acc);
+                    BLOCK4X2(wb, n_in, n_in, x0, nx > 1 ? x0 + n_in : x0, acc, nx > 1 ? acc + 4 : 0);
                 for (int r = 0; r < nx; r++)
                     for (int k = 0; k < per_block; k++) {
                         const int o = per_block * b + k;
@@ -175,3 +203,4 @@ void LINEAR(const W *w, const X *x, const X *bias, X *y, float *buf, int rows, i
 #undef BLOCK8XN
 #undef CHUNK8
 #undef BLOCK3X4
+#undef PROMPT_BLOCK
