@@ -24,6 +24,16 @@ def _cfg(args):
     return load_config(args.config)
 
 
+def _configured_models(args) -> list[str]:
+    """The model names of the arena config, or none when it cannot be read (an API that is not this arena's)."""
+    from launch.config import ConfigError
+
+    try:
+        return [m.name for m in _cfg(args).models]
+    except (ConfigError, OSError):
+        return []
+
+
 def _runs_root(args) -> Path:
     if getattr(args, "runs_root", None):
         return Path(args.runs_root)
@@ -100,23 +110,31 @@ def cmd_run(args) -> int:
         return 2
     if args.limit:
         questions = questions[: args.limit]
-    # Checked against what the API serves before anything runs: a misspelt or stopped model would
-    # otherwise cost one error answer per question.
+    # Checked against what the API serves before anything runs: a misspelt name would otherwise cost one
+    # error answer per question. A configured model that is not served right now (its worker crashed or
+    # is still loading) is run anyway: its answers are recorded as errors, and running again retries them.
     try:
         served = client_mod.list_models(client_mod.make_client(base_url, api_key, 30.0))
     except Exception as e:  # noqa: BLE001
         print(f"error: cannot list models at {base_url}/models: {type(e).__name__}: {e}\n"
               "is the stack up (`make up`)? or pass --base-url", file=sys.stderr)
         return 2
-    if not served:
+    models = _split(args.models) or served
+    if not models:
         print(f"error: {base_url} serves no models yet", file=sys.stderr)
         return 2
-    models = _split(args.models) or served
-    unknown = [m for m in models if m not in served]
+    down = [m for m in models if m not in served]
+    configured = _configured_models(args)
+    unknown = [m for m in down if m not in configured]
     if unknown:
-        print(f"error: --models: {', '.join(unknown)} not served at {base_url} (served: {', '.join(served)}); "
-              "check the name, or whether its worker is up (`make status`)", file=sys.stderr)
+        print(f"error: --models: {', '.join(unknown)}: not served at {base_url} (served: {', '.join(served) or 'none'})"
+              f" and not in the arena config (models: {', '.join(configured) or 'none'}); check the name",
+              file=sys.stderr)
         return 2
+    if down:
+        print(f"warning: {', '.join(down)}: configured but not served at {base_url} right now (is its worker up? "
+              "`make status`); its answers are recorded as errors, and running the same command again retries them",
+              file=sys.stderr)
     settings = RunSettings(
         base_url=base_url, models=models,
         questions_files=[str(p) for p in files] or [str(p) for p in _shipped_files()],

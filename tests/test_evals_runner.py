@@ -252,8 +252,19 @@ def test_a_model_the_api_does_not_serve_is_refused_before_anything_runs(fake, qf
     out = tmp_path / "run"
     assert _run(url, qfile, out, "--models", "good,goood,other") == 2
     err = capsys.readouterr().err
-    assert "goood, other not served" in err and "served: good, good2" in err
+    assert "goood, other: not served" in err and "served: good, good2" in err
+    assert "not in the arena config (models: smollm2-135m, qwen2.5-coder-0.5b)" in err
     assert fs.requests == [] and not out.exists()  # nothing asked, no run directory left behind
+
+
+def test_a_configured_model_that_is_not_served_now_runs_with_a_warning(fake, qfile, tmp_path, capsys):
+    """Its worker may have crashed or still be loading: its answers are recorded (as errors when the API
+    refuses them) and a second run retries them, so the run is not refused like a misspelt name."""
+    fs, url = fake()
+    out = tmp_path / "run"
+    assert _run(url, qfile, out, "--models", "good,smollm2-135m") == 0
+    assert "smollm2-135m: configured but not served" in capsys.readouterr().err
+    assert {m for m, _ in fs.requests} == {"good", "smollm2-135m"} and len(store.read_answers(out)) == 8
 
 
 def test_unreachable_api_is_a_clear_error(qfile, tmp_path, capsys):
