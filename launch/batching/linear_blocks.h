@@ -18,15 +18,15 @@
 #define PAIRS_BLOCK PASTE(pairs_block, LINEAR)
 #define STORE_ROWS PASTE(store_rows, LINEAR)
 
-/* The outputs of a chunked block: acc holds each input row's per-weight-row 8-lane sums ([row][rows]
- * vectors, row after row); each is summed across lanes, then the columns past the last multiple of 8 are added
- * one by one, then the bias, and it is converted once. */
-static void STORE_ROWS(const W *wb, int n_in, const float *buf, int tile, int rows, const __m256 *acc,
+/* The outputs of a chunked block of wrows weight rows: acc holds each input row's 8-lane sums, one vector per
+ * weight row ([tile][wrows]); each is summed across lanes, then the columns past the last multiple of 8 are
+ * added one by one, then the bias, and it is converted once. */
+static void STORE_ROWS(const W *wb, int n_in, const float *buf, int tile, int wrows, const __m256 *acc,
                        const X *bias, int o0, X *y, long ldy) {
     const int n8 = n_in & ~7;
     for (int m = 0; m < tile; m++)
-        for (int k = 0; k < rows; k++) {
-            float r = hsum(acc[m * rows + k]);
+        for (int k = 0; k < wrows; k++) {
+            float r = hsum(acc[m * wrows + k]);
             const float *xm = buf + (long)m * n_in;
             for (int j = n8; j < n_in; j++)
                 r += WTOF(wb[(long)k * n_in + j]) * xm[j];
@@ -132,9 +132,9 @@ static void BLOCK3X4(const W *w, long ld, int c, int e, const float *x, long n, 
  * CHUNK8, and in each every pair of input rows runs over the 4 rows' chunk, which the first pair brought into
  * L1. Running each pair over the whole width instead reread the weights from L2 for the second pair on
  * (4 rows of a 4096-wide bf16 weight are 32 KB). Interleaved kernel-only runs over one 7B-shaped bf16 layer:
- * 4 rows 32 -> 27-29 ms, 8 rows 48 -> 41-43 ms; 2 rows (one pair) and 1 row (block8xn) unchanged. */
+ * 4 rows 34 -> 30 ms, 8 rows 50 -> 42-44 ms; 2 rows (one pair) and 1 row (block8xn) unchanged. */
 static void PAIRS_BLOCK(const W *wb, int n_in, const float *buf, int tile, const X *bias, int o0, X *y, long ldy) {
-    __m256 acc[(PROMPT_ROWS - 1 + 1) / 2][8];
+    __m256 acc[PROMPT_ROWS / 2][8];  /* up to PROMPT_ROWS - 1 rows, in pairs */
     const int pairs = (tile + 1) / 2, n8 = n_in & ~7;
     for (int g = 0; g < pairs; g++)
         for (int k = 0; k < 8; k++)
@@ -153,9 +153,9 @@ static void PAIRS_BLOCK(const W *wb, int n_in, const float *buf, int tile, const
  * KCHUNK; in each, the 3 rows' chunk is multiplied with every group of 4 input rows. Why: over a whole
  * 4096-wide row, 3 bf16 weight rows (24 KB) and 4 input rows (64 KB) overflow L1, so every group of input
  * rows read the weights again from L2. In interleaved kernel-only runs over one 7B-shaped bf16 layer, 64
- * rows took 287 -> 254 ms and 16 rows 79 -> 68 ms; over Qwen2.5-0.5B-shaped fp32 layers (896 wide, one
- * chunk but the down projection) 52 rows 53 -> 47 ms and 130 rows 132 -> 127 ms. Chunks of 128-512 columns
- * were slower than none (each chunk restarts the weight streams), 2048 no better than 1024. */
+ * rows took 288 -> 268 ms and 287 -> 254 ms, 16 rows 79 -> 65-68 ms; over Qwen2.5-0.5B-shaped fp32 layers
+ * (896 wide, one chunk but the down projection) 2-10% less. Chunks of 128-512 columns were slower than none
+ * (each chunk restarts the weight streams), 2048 no better than 1024. */
 static void PROMPT_BLOCK(const W *wb, int n_in, const float *buf, int tile, const X *bias, int o0,
                          X *y, long ldy) {
     __m256 acc[XTILE / 4][12];
