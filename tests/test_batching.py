@@ -92,7 +92,7 @@ def test_batched_greedy_equals_single(engine):
 
 @pytest.mark.slow
 def test_bf16_batched_greedy_equals_single():
-    """bf16 as a 7B model is served here: on oneDNN with bf16 units, else on the AVX2 kernel, batched."""
+    """bf16 as a 7B model is served here: on the project's kernels (AVX512_BF16 units or AVX2), batched."""
     import torch
 
     from launch.batching.kernels import batch_rows_limit, linear_backend
@@ -106,7 +106,7 @@ def test_bf16_batched_greedy_equals_single():
         test_batched_greedy_equals_single(eng)
     finally:
         eng.shutdown()
-        attention.uninstall()  # installed with the AVX2 kernels; the other tests run stock SDPA
+        attention.uninstall()  # installed with the kernels; the other tests run stock SDPA
 
 
 def test_own_stop_and_length_per_request(engine):
@@ -370,3 +370,67 @@ def test_shared_prefix_len_leaves_every_prompt_a_token_of_its_own():
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token is each prompt's own
     assert shared_prefix_len([[1, 2, 3], [1, 2]]) == 1
     assert shared_prefix_len([[7, 2], [1, 2]]) == 0
+
+
+def _tiny_bf16_qwen2_on_the_kernel():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from launch.batching.kernels import prepack_linears
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=500, tie_word_embeddings=True,
+                         attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    prepack_linears(model)  # linears and attention on the project's kernels
+    return model
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_bf16_prompts_prefilled_together_are_bitwise_the_prompts_alone(share):
+    """bf16 rounds every layer's output, so any difference in how a prompt's sums were grouped shows up and
+    can change an answer. Prefilled left-padded with others, or after a common beginning computed once, each
+    prompt's logits and cache are bitwise its own prefill's (on torch's flash attention: 27-96 thousand key
+    elements differed on SmolLM2, launch/batching/attention.py)."""
+    import torch
+
+    from launch.batching import attention
+    from launch.batching.native import native_kernel
+    from launch.batching.prefill import SHARED_PREFIX_MIN, prefill
+
+    if native_kernel()[0] is None:
+        pytest.skip(native_kernel()[1])
+    try:
+        model = _tiny_bf16_qwen2_on_the_kernel()
+        torch.manual_seed(1)
+        common = torch.randint(0, 500, (SHARED_PREFIX_MIN + 4,)).tolist()
+        prompts = [common + torch.randint(0, 500, (n,)).tolist() for n in (5, 17, 9, 30)]
+        with torch.inference_mode():
+            logits, layers = prefill(model, prompts, 0, share=share)
+            width = layers[0][0].shape[-2]
+            for i, p in enumerate(prompts):
+                alone_logits, alone = prefill(model, [p], 0, share=share)
+                assert torch.equal(logits[i], alone_logits[0]), i
+                for (k, v), (ka, va) in zip(layers, alone, strict=True):
+                    assert torch.equal(k[i, :, width - len(p):], ka[0]) and torch.equal(v[i, :, width - len(p):], va[0])
+    finally:
+        attention.uninstall()
+
+
+def test_a_prompt_too_long_for_the_attention_kernel_is_prefilled_alone():
+    from launch.batching.attention import PROMPT_QUERIES_MAX
+    from launch.batching.engine import BatchEngine, Request
+    from launch.batching.params import GenParams
+
+    eng = BatchEngine.__new__(BatchEngine)  # only the grouping rule: no model, no thread
+    eng.max_batch, eng.rows = 8, []
+
+    def req(n):
+        return Request(params=GenParams(prompt=""), prompt_ids=[1] * n, sink=lambda c: None)
+
+    long, short = req(PROMPT_QUERIES_MAX + 1), [req(PROMPT_QUERIES_MAX - 2), req(PROMPT_QUERIES_MAX)]
+    eng.waiting = [long, *short]
+    assert eng._next_group() == [long]
+    eng.waiting = [*short, long]
+    assert eng._next_group() == short

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch.batching import kernels
+from launch.batching import kernels, native
 from launch.batching.kernels import ONEDNN, KernelLinear, can_prepack, choose_backend, prepack_linears
 from launch.batching.native import native_kernel
 
@@ -15,7 +15,7 @@ KERNEL, WHY = native_kernel()
 BACKENDS = [
     pytest.param(ONEDNN, id="onednn",
                  marks=pytest.mark.skipif(can_prepack(torch.float32) is not None, reason="no oneDNN in this torch")),
-    pytest.param(kernels._kernel_backend(KERNEL) if KERNEL else None, id="avx2",
+    pytest.param(kernels._kernel_backend(KERNEL, torch.float32) if KERNEL else None, id="avx2",
                  marks=pytest.mark.skipif(KERNEL is None, reason=f"no AVX2 kernel: {WHY}")),
 ]
 
@@ -80,15 +80,27 @@ def test_prepack_replaces_every_linear_and_keeps_the_output(backend):
         assert model.head.weight is model.emb.weight  # and stays tied: nothing copied
 
 
-def test_bf16_goes_to_onednn_where_it_has_bf16_kernels_else_to_the_avx2_kernel():
+def test_bf16_goes_to_the_projects_kernel_on_its_bf16_units_where_there_are_some():
+    """Never to oneDNN while the kernel is there: oneDNN's bf16 rows depend on the rows beside them."""
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     n = prepack_linears(model)
-    if can_prepack(torch.bfloat16) is None:
-        assert n == 1 and model[0].backend is ONEDNN
-    elif KERNEL is not None:
+    if KERNEL is not None:
         assert n == 1 and type(model[0]) is KernelLinear and not model[0].backend.copies
+        want = "AVX512_BF16" if native.has_bf16_units() else "AVX2"
+        assert want in model[0].backend.name
+    elif can_prepack(torch.bfloat16) is None:
+        assert n == 1 and model[0].backend is ONEDNN
     else:
         assert n == 0
+
+
+def test_bf16_without_the_kernel_goes_to_onednn_one_row_at_a_time(monkeypatch):
+    if can_prepack(torch.bfloat16) is not None:
+        pytest.skip("oneDNN has no bf16 kernels on this CPU")
+    monkeypatch.setattr(kernels, "native_kernel", lambda: (None, "no compiler"))
+    assert choose_backend(torch.bfloat16) == (ONEDNN, "")
+    limit, why = kernels.batch_rows_limit(torch.bfloat16)
+    assert limit == 1 and "bf16" in why
 
 
 def _rss_kb() -> int:

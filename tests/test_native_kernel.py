@@ -1,5 +1,6 @@
-"""The AVX2 linear kernel (launch/batching/linear.c, bf16 and fp32 weights): same results as PyTorch's
-linear, rows independent of each other, built once, and a clear reason where it cannot be used."""
+"""The linear kernels (launch/batching/linear.c on AVX2, bf16 and fp32 weights; linear_avx512bf16.c, bf16 on
+AVX512_BF16 where the CPU has it): same results as PyTorch's linear, rows independent of each other, built
+once, and a clear reason where they cannot be used. Then the bf16 attention kernel behind torch's SDPA."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ from launch.batching import kernels, native
 KERNEL, WHY = native.native_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")
 XTILE = KERNEL.xtile if KERNEL else 1  # input rows per pass over the weight
+# Each linear path: (weight dtype, whether bf16 runs on the AVX512_BF16 kernel). The AVX512_BF16 one only
+# where the CPU has those units (the reference machine for this project has had either kind of CPU).
+PATHS = [
+    pytest.param(torch.float32, False, id="fp32"),
+    pytest.param(torch.bfloat16, False, id="bf16-avx2"),
+    pytest.param(torch.bfloat16, True, id="bf16-avx512bf16",
+                 marks=pytest.mark.skipif(not native.has_bf16_units(), reason="the CPU has no AVX512_BF16")),
+]
+
+
+def kernel_for(units: bool) -> native.NativeKernel:
+    return native.NativeKernel(KERNEL.path, bf16_units=units)
 
 
 # dtype -> (rtol, atol against torch's linear; how much further than torch's from the exact result).
@@ -24,17 +37,17 @@ TOLERANCES = {torch.bfloat16: (1.6e-2, 1e-3, 1.01), torch.float32: (1e-5, 1e-5, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("dtype,units", PATHS)
 @pytest.mark.parametrize("n_out,n_in", [(1, 8), (3, 7), (4, 9), (13, 96), (64, 1003), (130, 256), (10, 2100)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 2 * XTILE + 3])  # the last spans three passes over the weight
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
+def test_kernel_matches_torch_linear(dtype, units, n_out, n_in, rows, bias):
     torch.manual_seed(n_out * 1000 + n_in + rows)
     lin = nn.Linear(n_in, n_out, bias=bias).to(dtype)
     x = torch.randn(rows, n_in).to(dtype)
     with torch.inference_mode():
         want = lin(x)
-        got = KERNEL(x, lin.weight, lin.bias)
+        got = kernel_for(units)(x, lin.weight, lin.bias)
         exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
     rtol, atol, further = TOLERANCES[dtype]
     assert got.dtype == dtype and got.shape == want.shape
@@ -43,17 +56,18 @@ def test_kernel_matches_torch_linear(dtype, n_out, n_in, rows, bias):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,units", PATHS)
 @pytest.mark.parametrize("n_in", [200, 1003, 2100])  # 1003: several column chunks of block8xn and a tail;
 # 2100: three column chunks of a prompt pass (KCHUNK 1024) and a tail
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, n_in):
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, units, n_in):
     """The batching worker's batched == single rests on this: bitwise, for every batch size."""
     torch.manual_seed(0)
+    kernel = kernel_for(units)
     w = torch.randn(37, n_in).to(dtype)
     x = torch.randn(2 * XTILE + 3, n_in).to(dtype)
-    alone = torch.cat([KERNEL(x[i:i + 1], w, None) for i in range(len(x))])
-    for rows in (2, 3, 4, 8, 9, 16, 17, XTILE, XTILE + 1, 2 * XTILE + 3):
-        assert torch.equal(KERNEL(x[:rows], w, None), alone[:rows])
+    alone = torch.cat([kernel(x[i:i + 1], w, None) for i in range(len(x))])
+    for rows in (2, 3, 4, 5, 8, 9, 16, 17, XTILE, XTILE + 1, 2 * XTILE + 3):
+        assert torch.equal(kernel(x[:rows], w, None), alone[:rows])
 
 
 @needs_kernel
@@ -138,10 +152,13 @@ def _tiny_bf16_qwen2():
 
 
 @needs_kernel
-def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatch):
+@pytest.mark.parametrize("units", [pytest.param(False, id="avx2"), pytest.param(
+    True, id="avx512bf16", marks=pytest.mark.skipif(not native.has_bf16_units(), reason="no AVX512_BF16"))])
+def test_bf16_model_runs_its_linears_on_the_kernel(monkeypatch, units):
     from launch.batching import attention
 
-    monkeypatch.setattr(kernels, "can_prepack", lambda dtype: "oneDNN has no bf16 kernels for this CPU")
+    monkeypatch.setattr(native, "has_bf16_units", lambda: units)
+    monkeypatch.setattr(kernels, "native_kernel", lambda: (kernel_for(units), ""))
     monkeypatch.setattr(attention, "install", lambda kernel: None)  # its own tests below
     model = _tiny_bf16_qwen2()
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
@@ -152,7 +169,8 @@ def test_bf16_model_without_bf16_units_runs_its_linears_on_the_kernel(monkeypatc
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: nothing copied
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
-    assert kernels.linear_backend(torch.bfloat16) == "the AVX2 kernel (linear.c)"
+    assert kernels.linear_backend(torch.bfloat16) == (
+        "the AVX512_BF16 kernel (linear_avx512bf16.c)" if units else "the AVX2 kernel (linear.c)")
     assert kernels.batch_rows_limit(torch.bfloat16) == (None, "")  # rows are cheap again
 
 
@@ -178,7 +196,7 @@ def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
         native.native_kernel.cache_clear()
 
 
-# ---- one decode token's attention (bf16_attention.c behind torch's SDPA) ----
+# ---- bf16 attention (bf16_attention.c behind torch's SDPA): decode steps and prompts ----
 
 @pytest.fixture
 def patched_sdpa():
@@ -243,27 +261,84 @@ def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["prompt", "causal", "fp32", "dropout", "no-gqa-flag"])
+@pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp32", "dropout", "no-gqa-flag"])
 def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monkeypatch):
     from launch.batching import attention
 
     q, k, v = _qkv(1, 4, 2 if case == "no-gqa-flag" else 4, 5, 16)
     kw = {}
-    if case == "prompt":
-        q = torch.randn(1, 4, 5, 16).to(torch.bfloat16)
-    elif case == "causal":
+    if case == "long-prompt":
+        n = attention.PROMPT_QUERIES_MAX + 1
+        q, k, v = (torch.randn(1, 4, n, 16).to(torch.bfloat16) for _ in range(3))
         kw["is_causal"] = True
+    elif case == "causal-and-mask":
+        kw["is_causal"], kw["attn_mask"] = True, torch.ones(1, 1, 1, 5, dtype=torch.bool)
     elif case == "fp32":
         q, k, v = q.float(), k.float(), v.float()
     elif case == "dropout":
         kw["dropout_p"] = 0.5
     calls = []
-    monkeypatch.setattr(attention, "_decode", lambda *a: calls.append(a))
+    monkeypatch.setattr(attention, "_attend", lambda *a: calls.append(a))
     try:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
     except RuntimeError:
-        assert case == "no-gqa-flag"  # SDPA's own error for mismatched heads without enable_gqa
+        assert case in ("no-gqa-flag", "causal-and-mask")  # SDPA's own errors
     assert calls == []
+
+
+def _prompt_qkv(B, H, Hkv, Q, T, D, seed=0):
+    torch.manual_seed(seed)
+    return (torch.randn(B, H, Q, D).to(torch.bfloat16), torch.randn(B, Hkv, T, D).to(torch.bfloat16),
+            torch.randn(B, Hkv, T, D).to(torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,Hkv,Q,D", [(1, 9, 3, 37, 64), (2, 4, 4, 5, 72), (1, 2, 1, 300, 8)])
+def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D):
+    original = patched_sdpa
+    q, k, v = _prompt_qkv(B, H, Hkv, Q, Q, D)
+    gqa = Hkv != H
+    keep = torch.ones(Q, Q, dtype=torch.bool).tril()
+    keep = keep.expand(B, 1, Q, Q).clone()
+    keep[-1, :, :, :2] = False  # the last row left-padded by 2: those keys masked for all its queries
+    keep[-1, :, :2, :2] = True  # (as transformers does, padded queries attend to something: no NaN)
+    for kw in ({"is_causal": True}, {"attn_mask": keep}):
+        got = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
+        want = original(q, k, v, enable_gqa=gqa, **kw)
+        exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa, **kw)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16, kw
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=str(kw))
+        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + 4e-3, kw
+
+
+@needs_kernel
+def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa):
+    """Prefill batched == alone: a prompt's attention is bitwise the same whether it runs alone (is_causal),
+    left-padded in a group (a mask), or after a common beginning that was computed first (its keys in the
+    cache, a gap of padding between them and the rest). torch's flash attention differs in all three."""
+    Q, pad, shared, H, D = 40, 3, 16, 4, 32
+    q, k, v = _prompt_qkv(1, H, H, Q, Q, D)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    alone = sdpa(q, k, v, is_causal=True)
+    causal = torch.ones(Q, Q, dtype=torch.bool).tril()
+
+    def padded(t):
+        return torch.cat([torch.zeros(1, H, pad, D, dtype=torch.bfloat16), t], 2)
+
+    mask = torch.zeros(1, 1, Q + pad, Q + pad, dtype=torch.bool)
+    mask[..., pad:, pad:] = causal
+    mask[..., :pad, :pad] = True  # padded queries attend to padding: their output is dropped
+    in_group = sdpa(padded(q), padded(k), padded(v), attn_mask=mask)[:, :, pad:]
+    assert torch.equal(in_group, alone)
+    # [shared | gap | rest]: the rest's queries over the shared keys, a masked gap, and their own keys
+    keys = torch.cat([k[:, :, :shared], torch.zeros(1, H, pad, D, dtype=torch.bfloat16), k[:, :, shared:]], 2)
+    values = torch.cat([v[:, :, :shared], torch.zeros(1, H, pad, D, dtype=torch.bfloat16), v[:, :, shared:]], 2)
+    rest_mask = torch.zeros(1, 1, Q - shared, Q + pad, dtype=torch.bool)
+    rest_mask[..., :shared] = True
+    rest_mask[..., shared + pad:] = causal[shared:, shared:]
+    rest = sdpa(q[:, :, shared:], keys, values, attn_mask=rest_mask)
+    head = sdpa(q[:, :, :shared], k[:, :, :shared], v[:, :, :shared], is_causal=True)
+    assert torch.equal(torch.cat([head, rest], 2), alone)
 
 
 @needs_kernel

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from launch.batching.attention import PROMPT_QUERIES_MAX
 from launch.batching.cores import CoreLease
 from launch.batching.params import GenParams, choose_token
 from launch.batching.prefill import prefill
@@ -179,10 +180,16 @@ class BatchEngine(EngineThread):
 
     def _next_group(self) -> list[Request]:
         """The waiting requests to prefill together: FIFO, up to the free rows, while padding the
-        shorter prompts to the longest wastes little (at most PAD_WASTE of the padded tokens)."""
+        shorter prompts to the longest wastes little (at most PAD_WASTE of the padded tokens). A prompt
+        longer than attention.PROMPT_QUERIES_MAX is prefilled alone: its attention runs on torch's
+        SDPA, which sums differently padded than alone (attention.py)."""
         free = self.max_batch - len(self.rows)
         group = [self.waiting[0]]
+        if len(group[0].prompt_ids) > PROMPT_QUERIES_MAX:
+            return group
         for req in self.waiting[1:free]:
+            if len(req.prompt_ids) > PROMPT_QUERIES_MAX:
+                break
             lengths = [len(r.prompt_ids) for r in (*group, req)]
             padded = max(lengths) * len(lengths)
             if padded > PREFILL_TOKENS or padded - sum(lengths) > PAD_WASTE * padded:

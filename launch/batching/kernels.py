@@ -4,16 +4,16 @@ Why: PyTorch's CPU `F.linear` goes to MKL's sgemm. On this project's reference m
 AVX2) MKL multiplies one row at a third of memory speed and 2-8 rows at 2-3x the time of one row, so a
 continuous batch of 4 gained little. Two backends fix that, chosen per dtype by `choose_backend`:
 
-- The AVX2 kernel (linear.c, built by native.py) for fp32, and for bf16 on a CPU without bf16 units
-  (no AVX512_BF16/AMX: oneDNN has no bf16 kernels there). It reads the module's own weight, so nothing
-  is copied and a tied output projection stays tied. Qwen2.5-0.5B fp32 decode step, 2 threads: 219 ms
-  with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 -> 210 ms). For bf16, one decode
-  token's attention goes to bf16_attention.c as well (attention.py).
+- The project's kernel (linear.c, built by native.py) for fp32 and bf16: on AVX2, bf16 widened to fp32;
+  on AVX512_BF16 units where the CPU has them (linear_avx512bf16.c). It computes each output the same
+  way whatever the number of rows (oneDNN's bf16 matmul does not, see choose_backend), and reads the
+  module's own weight, so nothing is copied and a tied output projection stays tied. Qwen2.5-0.5B fp32
+  decode step, 2 threads, AVX2: 219 ms with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 ->
+  210 ms). For bf16, attention goes to bf16_attention.c as well (attention.py).
 - oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
-  kernel inductor's freezing pass uses): bf16 where the CPU has bf16 units, and fp32 where the AVX2
-  kernel is not available (no compiler, no AVX2). The packed copy replaces the module's weight, except
-  where the output projection shares its weight with the input embedding (tied): the embedding keeps
-  the plain tensor and the packed copy is extra.
+  kernel inductor's freezing pass uses), where there is no kernel (no compiler, no AVX2). The packed
+  copy replaces the module's weight, except where the output projection shares its weight with the
+  input embedding (tied): the embedding keeps the plain tensor and the packed copy is extra.
 
 Projections of one input (q/k/v, gate/up) share one matmul on either backend (_SharedInput).
 The model's `prepack_weights = false` in the config (or the worker's `--no-prepack`) keeps stock linears,
@@ -59,12 +59,14 @@ def _onednn_run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
 ONEDNN = LinearBackend("oneDNN packed weights", _onednn_pack, _onednn_run, copies=True)
 
 
-def _kernel_backend(kernel) -> LinearBackend:
+def _kernel_backend(kernel, dtype: torch.dtype) -> LinearBackend:
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = kernel(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    return LinearBackend("the AVX2 kernel (linear.c)", torch.Tensor.contiguous, run, copies=False)
+    name = ("the AVX512_BF16 kernel (linear_avx512bf16.c)" if dtype == torch.bfloat16 and kernel.bf16_units
+            else "the AVX2 kernel (linear.c)")
+    return LinearBackend(name, torch.Tensor.contiguous, run, copies=False)
 
 
 def can_prepack(dtype: torch.dtype) -> str | None:
@@ -83,18 +85,19 @@ def can_prepack(dtype: torch.dtype) -> str | None:
 def choose_backend(dtype: torch.dtype) -> tuple[LinearBackend | None, str]:
     """(the backend for linears of this dtype here, "") or (None, why they stay on PyTorch's kernels).
 
-    bf16: oneDNN where the CPU has bf16 units (AMX/AVX512_BF16 run far beyond what AVX2 widening can),
-    else the AVX2 kernel. fp32: the AVX2 kernel (measured faster than oneDNN at 1-8 rows, see above),
-    else oneDNN.
+    The project's kernel first, for both dtypes: it computes every output the same way whatever the
+    number of rows, which the batching worker's "batched equals single" rests on. oneDNN's bf16 matmul
+    does not: on an AMD EPYC with AVX512_BF16, a [896 x 4864] bf16 weight gave row 0 a different result
+    at 3 rows than at 1, and SmolLM2-135M answered 2 of 4 prompts differently batched than alone
+    (tests/test_batching_stack.py). Where the CPU has AVX512_BF16 the kernel computes bf16 on those units
+    (linear_avx512bf16.c). oneDNN only where there is no kernel (no compiler, no AVX2).
     """
     if dtype not in (torch.float32, torch.bfloat16):
         return None, f"no faster linears for {dtype}"
-    onednn_why = can_prepack(dtype)
-    if dtype == torch.bfloat16 and onednn_why is None:
-        return ONEDNN, ""
     kernel, kernel_why = native_kernel()
     if kernel is not None:
-        return _kernel_backend(kernel), ""
+        return _kernel_backend(kernel, dtype), ""
+    onednn_why = can_prepack(dtype)
     if onednn_why is None:
         return ONEDNN, ""
     return None, f"{onednn_why}; {kernel_why}"
@@ -201,13 +204,14 @@ def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype, backend: LinearBac
 def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
     """(the most rows worth decoding together for this dtype here or None for no limit, why).
 
-    bf16 without bf16 units and without the AVX2 kernel (no compiler, no AVX2) runs on PyTorch's
-    generic kernels, which compute every row separately: a 7B-shaped bf16 model decoded 1.03 tok/s
-    at batch 1 and 0.70 tok/s in total at batch 4 on the reference machine (`python -m launch bench
-    --shape qwen-7b`). There, requests are better served one after another.
+    bf16 without the project's kernel (no compiler, no AVX2) is decoded one request at a time. On
+    PyTorch's generic kernels (no bf16 units) every row costs about one more row: a 7B-shaped bf16 model
+    decoded 1.03 tok/s at batch 1 and 0.70 tok/s in total at batch 4 on the reference machine (`python -m
+    launch bench --shape qwen-7b`). On oneDNN (bf16 units) a row's result depends on the rows batched with
+    it (choose_backend), and a batched answer must equal the single one.
     """
-    if dtype == torch.bfloat16 and choose_backend(dtype)[0] is None:
-        return 1, "bf16 without bf16 units: several rows cost several times one row on this CPU"
+    if dtype == torch.bfloat16 and native_kernel()[0] is None:
+        return 1, "bf16 without the project's kernel: batched rows would cost or change too much"
     return None, ""
 
 
@@ -228,7 +232,7 @@ def prepack_linears(model: nn.Module) -> int:
     if dtype == torch.bfloat16 and not backend.copies:
         from launch.batching import attention
 
-        attention.install(native_kernel()[0])  # one decode token's attention too: torch's bf16 SDPA is slow here
+        attention.install(native_kernel()[0])  # attention too: faster decode, and prompts batched == alone
     n = _fuse_shared_inputs(model, dtype, backend)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -1,5 +1,5 @@
-"""Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears),
-bf16_attention.c (served bf16 models on CPUs without bf16 units), read_probe.c (the bench's bandwidth probe).
+"""Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears on
+AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it), bf16_attention.c (bf16 attention: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -23,31 +23,45 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 
 from launch.hardware import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("linear.c", "bf16_attention.c", "read_probe.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("linear.c", "linear_avx512bf16.c", "bf16_attention.c", "read_probe.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "linear_blocks.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma")
+# linear_avx512bf16.c is compiled for these (its own `#pragma GCC target`) and called only where all are present.
+BF16_UNITS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+
+
+def has_bf16_units() -> bool:
+    return set(BF16_UNITS) <= cpu_flags()
 
 
 class NativeKernel:
     """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 or fp32 weight, in the
-    weight's dtype; `decode_attention` is one query's attention over a bf16 KV cache."""
+    weight's dtype; `attention` is bf16 attention (decode steps and prompts, attention.py).
 
-    def __init__(self, path: Path):
+    `bf16_units`: bf16 linears on linear_avx512bf16.c (default: where the CPU has AVX512_BF16), else on
+    linear.c's AVX2 widening."""
+
+    def __init__(self, path: Path, bf16_units: bool | None = None):
         self.path = path
         lib = ctypes.CDLL(str(path))
+        self.bf16_units = has_bf16_units() if bf16_units is None else bf16_units
         self._linear = {}
         for dtype, name in ((torch.bfloat16, "linear_bf16"), (torch.float32, "linear_f32")):
             fn = self._linear[dtype] = getattr(lib, name)
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        self._linear_dp = lib.linear_bf16_avx512  # no scratch: it reads the bf16 inputs as they are
+        self._linear_dp.restype = None
+        self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_xtile.restype = ctypes.c_int
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
-        self._attn = lib.decode_attention_bf16
+        self._attn = lib.attention_bf16
         self._attn.restype = None
-        self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+        self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self._probe = lib.read_probe
         self._probe.restype = ctypes.c_float
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -64,10 +78,15 @@ class NativeKernel:
         if bias is not None:
             bias = bias.to(wdtype).contiguous()
         y = torch.empty(rows, n_out, dtype=wdtype)
-        buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
+        b = bias.data_ptr() if bias is not None else None
         # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
-        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-           buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
+        if wdtype == torch.bfloat16 and self.bf16_units:
+            self._linear_dp(weight.data_ptr(), x.data_ptr(), b, y.data_ptr(), rows, n_out, n_in,
+                            torch.get_num_threads())
+        else:
+            buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
+            fn(weight.data_ptr(), x.data_ptr(), b, y.data_ptr(), buf.data_ptr(), rows, n_out, n_in,
+               torch.get_num_threads())
         return y if dtype == wdtype else y.to(dtype)
 
     def read_probe(self, a: torch.Tensor) -> float:
@@ -76,18 +95,20 @@ class NativeKernel:
             raise ValueError("read_probe needs a contiguous fp32 tensor")
         return self._probe(a.data_ptr(), a.numel(), torch.get_num_threads())
 
-    def decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float) -> torch.Tensor:
-        """q [B, H, D], k/v [B, Hkv, T, D] (bf16, last dim contiguous), mask additive fp32 [B, H, T] (strides 0
-        where broadcast) or None -> [B, H, D] bf16. The caller (attention.py) checks shapes and dtypes."""
-        B, H, D = q.shape
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float, causal: bool = False) -> torch.Tensor:
+        """q [B, H, Q, D], k/v [B, Hkv, T, D] (bf16, last dim contiguous), mask additive fp32 [B, H, Q, T] (strides
+        0 where broadcast) or None, causal: query i sees keys 0..i (SDPA's is_causal) -> [B, H, Q, D] bf16.
+        The caller (attention.py) checks shapes and dtypes."""
+        B, H, Q, D = q.shape
         Hkv, T = k.shape[1], k.shape[2]
-        out = torch.empty(B, H, D, dtype=torch.bfloat16)
-        scores = torch.empty(B * H * T, dtype=torch.float32)
-        q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0)) for t in (q, k, v, mask))
+        threads = torch.get_num_threads()
+        out = torch.empty(B, H, Q, D, dtype=torch.bfloat16)
+        scores = torch.empty(threads * T, dtype=torch.float32)
+        q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0, 0)) for t in (q, k, v, mask))
         self._attn(q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
                    mask.data_ptr() if mask is not None else None, m_st,
-                   out.data_ptr(), scores.data_ptr(), B, H, Hkv, T, D, scale, torch.get_num_threads())
+                   out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
         return out
 
 
