@@ -71,6 +71,27 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, units, n_in)
 
 
 @needs_kernel
+@pytest.mark.skipif(not native.has_bf16_units(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("n_out,n_in", [(37, 200), (8, 1003), (21, native.PACK_MAX_IN)])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_a_packed_weight_gives_bitwise_what_the_weight_in_place_gives(n_out, n_in, rows):
+    """linear_avx512bf16.c reads narrow weights packed (native.PACK_MAX_IN) and wide ones in place: the layout
+    changes where the weights are read from, not one operation."""
+    import ctypes
+
+    torch.manual_seed(n_in + rows)
+    kernel = kernel_for(True)
+    w, x, bias = torch.randn(n_out, n_in).to(torch.bfloat16), torch.randn(rows, n_in).to(torch.bfloat16), \
+        torch.randn(n_out).to(torch.bfloat16)
+    packed = native.avx512bf16_operand(w)
+    assert packed.shape == (n_out, (n_in + 31) // 32 * 32) and not torch.equal(packed[:, :n_in], w)
+    in_place = torch.empty(rows, n_out, dtype=torch.bfloat16)
+    kernel._linear_dp(w.data_ptr(), x.data_ptr(), bias.data_ptr(), in_place.data_ptr(), rows, n_out, n_in, 0,
+                      ctypes.c_int(2))
+    assert torch.equal(kernel.linear_avx512(x, packed, bias), in_place)
+
+
+@needs_kernel
 def test_kernel_runs_on_the_calling_threads_count_in_torchs_openmp_runtime():
     # The kernel's libgomp.so.1 is torch's (one runtime, one thread pool), not a second copy from the system.
     # (Wheels may carry private, renamed copies, e.g. sentencepiece's libgomp-<hash>.so: those are theirs.)
@@ -167,7 +188,11 @@ def test_bf16_model_runs_its_linears_on_the_kernel(monkeypatch, units):
         assert kernels.prepack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + the head
         got = model(input_ids=ids).logits
     assert not any(type(m) is nn.Linear for m in model.modules())
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: nothing copied
+    if units:  # a 64-wide head is packed into a copy of its own; the embedding keeps the plain weight
+        assert model.lm_head.packed.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+        assert model.lm_head.packed.shape == (300, 64)
+    else:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: nothing copied
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
     assert kernels.linear_backend(torch.bfloat16) == (
         "the AVX512_BF16 kernel (linear_avx512bf16.c)" if units else "the AVX2 kernel (linear.c)")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from launch.batching.hugepages import give_back_freed_memory
-from launch.batching.native import native_kernel
+from launch.batching.native import avx512bf16_operand, native_kernel
 
 log = logging.getLogger("batching")
 
@@ -60,13 +60,21 @@ ONEDNN = LinearBackend("oneDNN packed weights", _onednn_pack, _onednn_run, copie
 
 
 def _kernel_backend(kernel, dtype: torch.dtype) -> LinearBackend:
+    if dtype == torch.bfloat16 and kernel.bf16_units:
+        def run_avx512(x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            y = kernel.linear_avx512(x.reshape(-1, x.shape[-1]), operand, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+        # Weights up to 2048 wide are packed into a new tensor (native.PACK_MAX_IN says why): a tied output
+        # projection that narrow gets a copy of its own, as on oneDNN.
+        return LinearBackend("the AVX512_BF16 kernel (linear_avx512bf16.c)", avx512bf16_operand, run_avx512,
+                             copies=True)
+
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = kernel(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    name = ("the AVX512_BF16 kernel (linear_avx512bf16.c)" if dtype == torch.bfloat16 and kernel.bf16_units
-            else "the AVX2 kernel (linear.c)")
-    return LinearBackend(name, torch.Tensor.contiguous, run, copies=False)
+    return LinearBackend("the AVX2 kernel (linear.c)", torch.Tensor.contiguous, run, copies=False)
 
 
 def can_prepack(dtype: torch.dtype) -> str | None:
@@ -112,8 +120,9 @@ class KernelLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.backend = backend
         if backend.copies:
-            # A plain attribute, not a Parameter: an opaque oneDNN tensor has no place in a state dict.
-            self.packed = backend.pack(linear.weight.detach())
+            # A non-persistent buffer: a packed layout has no place in a state dict, and model.buffers() is
+            # what hugepages.collapse_model walks.
+            self.register_buffer("packed", backend.pack(linear.weight.detach()), persistent=False)
         else:
             self.weight = linear.weight
             if not self.weight.is_contiguous():
@@ -229,7 +238,7 @@ def prepack_linears(model: nn.Module) -> int:
     if backend is None:
         log.info("linears stay on %s", linear_backend(dtype))
         return 0
-    if dtype == torch.bfloat16 and not backend.copies:
+    if dtype == torch.bfloat16 and backend is not ONEDNN:  # on the project's kernels
         from launch.batching import attention
 
         attention.install(native_kernel()[0])  # attention too: faster decode, and prompts batched == alone

@@ -1,5 +1,6 @@
 /* y = x @ w.T (+ bias) for bf16 weights and activations on CPUs with AVX512_BF16 (built by native.py into the
- * same library as linear.c; native.py calls it only where the CPU has avx512f, avx512bw and avx512_bf16).
+ * same library as linear.c; native.py calls it only where the CPU has avx512f, avx512bw, avx512vl and
+ * avx512_bf16).
  *
  * Why: linear.c widens every bf16 weight to fp32 and multiplies it with AVX2 FMAs, 8 products per
  * instruction. VDPBF16PS multiplies 32 bf16 pairs and adds them into 16 fp32 sums in one instruction, with no
@@ -10,83 +11,127 @@
  * time, left to right, the last partial 32 columns zero-filled, then one fixed reduction of the lanes, then
  * the bias, then one rounding to bf16 (to nearest even, as torch).
  *
- * w: [n_out, n_in], x: [rows, n_in], bias: [n_out] or NULL, y: [rows, n_out], all bf16, row-major.
+ * The weight is packed once (native.pack_avx512bf16): rows in blocks of 8, and within a block the 8 rows'
+ * 32-column pieces side by side (512 bytes per 32 columns), so that a thread reads its blocks as one
+ * sequential stream. Read in place, 8 rows of an 896-wide weight are 8 streams of 1.8 KB each, too short for
+ * the hardware prefetcher: over all of Qwen2.5-0.5B's bf16 weights the 4-row pass took 52-55 ms against 39-41
+ * for one row; packed, TODO. Rows past the last multiple of 8 stay whole, after the blocks. Every row is
+ * zero-padded to a multiple of 32 columns (kp).
+ *
+ * wp: packed [n_out, kp], x: [rows, n_in], bias: [n_out] or NULL, y: [rows, n_out], all bf16, row-major.
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #include "bf16_simd.h"
 
 typedef __m512 V;
 
+#define WR 8      /* weight rows per packed block (native.PACK_ROWS) */
+#define PIECE 256 /* bf16 elements of one 32-column step of a block: 8 rows x 32 */
+
 /* Input rows per pass over the weight, as linear.c's XTILE: 64 rows of a 4096-wide bf16 input are 512 KB. */
 #define XTILE 64
-/* A pass of this many rows or more reads the weight in column chunks of KCHUNK, so that the 4 weight rows of
- * a block (4 x 2 KB) stay in L1 while every group of 4 input rows goes over them. A multiple of 32. */
-#ifndef DWR
-#define DWR 8
-#define DXR 2
-#define DCHUNK 512
-#define PWR 4
-#define PXR 6
-#endif
+/* A pass of this many rows or more is a prompt's (decode passes have at most max_batch = 8 rows). */
 #define PROMPT_ROWS 9
-#ifndef KCHUNK
-#define KCHUNK 1024
+/* Input rows per group: the accumulators of 8 weight rows times DXR (decode) or PXR (prompt) rows are registers
+ * (16 or 24 of the 32). */
+#ifndef DXR
+#define DXR 2
 #endif
-
-static inline V step(V acc, const uint16_t *w, const uint16_t *x) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
-}
-
-static inline V step_tail(V acc, const uint16_t *w, const uint16_t *x, __mmask32 m) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w), (__m512bh)_mm512_maskz_loadu_epi16(m, x));
-}
+#ifndef PXR
+#define PXR 3
+#endif
+/* Columns per chunk of a pass with more than one group: the block's chunk (8 x 1 KB, or 8 x 2 KB) is read
+ * from memory by the first group and from L1 by the others. Multiples of 32. */
+#ifndef DCHUNK
+#define DCHUNK 512
+#endif
+#ifndef PCHUNK
+#define PCHUNK 1024
+#endif
 
 static inline uint16_t finish(V acc, const uint16_t *bias, int o) {
     float r = _mm512_reduce_add_ps(acc);
     return float_to_bf16(bias ? r + bf16_to_float(bias[o]) : r);
 }
 
-/* WR weight rows times XR input rows over columns [c, e) (full 32-column steps), plus the zero-filled tail
- * when tail != 0; accumulators in acc ([XR][WR]) between calls. x rows are xs apart; nx of them are real
- * (the others repeat x0 and their sums are dropped). Inlined with constant WR and XR: the accumulators are
- * registers (8x1: 8, 4x4: 16 of the 32). */
-static inline __attribute__((always_inline)) void block(const uint16_t *w, long ld, int c, int e, __mmask32 tail,
-                                                        const uint16_t *x, long xs, int nx, V *acc,
-                                                        const int WR, const int XR) {
-    V a[XR][WR];
-    const uint16_t *xr[XR];
-    for (int m = 0; m < XR; m++) {
-        xr[m] = m < nx ? x + m * xs : x;
-        for (int k = 0; k < WR; k++)
-            a[m][k] = acc[m * WR + k];
+/* One packed block's 8 weight rows times 1, 2 or 3 input rows over columns [c, e) (full 32-column steps),
+ * plus the last, partial step at column e when tail != 0 (x zero-filled past n_in, the weight zero-padded).
+ * Row k's 32 columns at step i are at wb + (i / 32) * PIECE + k * 32. Accumulators in acc ([rows][8])
+ * between calls, in named registers while in here: GCC kept an array of them in memory, with a load and a
+ * store around every VDPBF16PS, and prompt passes ran at half speed. xr0-xr2: the input rows (a repeated
+ * row's sums are dropped by the caller). Every accumulator takes the same steps in the same order in all
+ * three. */
+#define K8(F, m) F(m, 0) F(m, 1) F(m, 2) F(m, 3) F(m, 4) F(m, 5) F(m, 6) F(m, 7)
+#define ACC_IN(m, k) V a##m##k = acc[(m) * 8 + (k)];
+#define ACC_OUT(m, k) acc[(m) * 8 + (k)] = a##m##k;
+#define WLOAD(m, k) const __m512bh w##k = (__m512bh)_mm512_loadu_si512(ws + (k) * rs);
+#define WTAIL(m, k) const __m512bh w##k = (__m512bh)_mm512_maskz_loadu_epi16(tail, ws + (k) * rs);
+#define DP(m, k) a##m##k = _mm512_dpbf16_ps(a##m##k, w##k, x##m);
+#define XLOAD(m) const __m512bh x##m = (__m512bh)_mm512_loadu_si512(xr##m + i);
+#define XTAIL(m) const __m512bh x##m = (__m512bh)_mm512_maskz_loadu_epi16(tail, xr##m + i);
+/* The full steps, then the tail step: LOADS / TAILS load the step's rows, BODY multiplies. */
+#define STEPS(LOADS, TAILS, BODY)                                   \
+    for (int i = c; i < e; i += 32) {                               \
+        const uint16_t *ws = wb + (long)(i / 32) * ss;              \
+        LOADS BODY                                                  \
+    }                                                               \
+    if (tail) {                                                     \
+        const int i = e;                                            \
+        const uint16_t *ws = wb + (long)(i / 32) * ss;              \
+        TAILS BODY                                                  \
     }
-    for (int i = c; i < e; i += 32)
-        for (int m = 0; m < XR; m++)
-            for (int k = 0; k < WR; k++)
-                a[m][k] = step(a[m][k], w + k * ld + i, xr[m] + i);
+
+static void block8x1(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
+                     V *acc) {
+    K8(ACC_IN, 0)
+    STEPS(XLOAD(0) K8(WLOAD, 0), XTAIL(0) K8(WTAIL, 0), K8(DP, 0))
+    K8(ACC_OUT, 0)
+}
+
+static void block8x2(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
+                     const uint16_t *xr1, V *acc) {
+    K8(ACC_IN, 0) K8(ACC_IN, 1)
+    STEPS(XLOAD(0) XLOAD(1) K8(WLOAD, 0), XTAIL(0) XTAIL(1) K8(WTAIL, 0), K8(DP, 0) K8(DP, 1))
+    K8(ACC_OUT, 0) K8(ACC_OUT, 1)
+}
+
+static void block8x3(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
+                     const uint16_t *xr1, const uint16_t *xr2, V *acc) {
+    K8(ACC_IN, 0) K8(ACC_IN, 1) K8(ACC_IN, 2)
+    STEPS(XLOAD(0) XLOAD(1) XLOAD(2) K8(WLOAD, 0), XTAIL(0) XTAIL(1) XTAIL(2) K8(WTAIL, 0),
+          K8(DP, 0) K8(DP, 1) K8(DP, 2))
+    K8(ACC_OUT, 0) K8(ACC_OUT, 1) K8(ACC_OUT, 2)
+}
+
+/* A lone weight row (past the last whole block) times one input row: the same steps. */
+static V row1x1(const uint16_t *w, int n32, __mmask32 tail, const uint16_t *x) {
+    V a = _mm512_setzero_ps();
+    for (int i = 0; i < n32; i += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
     if (tail)
-        for (int m = 0; m < XR; m++)
-            for (int k = 0; k < WR; k++)
-                a[m][k] = step_tail(a[m][k], w + k * ld + e, xr[m] + e, tail);
-    for (int m = 0; m < XR; m++)
-        for (int k = 0; k < WR; k++)
-            acc[m * WR + k] = a[m][k];
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + n32),
+                             (__m512bh)_mm512_maskz_loadu_epi16(tail, x + n32));
+    return a;
 }
 
-static void block8x1(const uint16_t *w, long ld, int n32, __mmask32 tail, const uint16_t *x, V *acc) {
-    block(w, ld, 0, n32, tail, x, 0, 1, acc, 8, 1);
+/* XR (1-3) input rows, xs apart, nx of them real, over one block. */
+static inline void group(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *x,
+                         long xs, int nx, int XR, V *acc) {
+    const uint16_t *x1 = nx > 1 ? x + xs : x, *x2 = nx > 2 ? x + 2 * xs : x;
+    if (XR == 1)
+        block8x1(wb, rs, ss, c, e, tail, x, acc);
+    else if (XR == 2)
+        block8x2(wb, rs, ss, c, e, tail, x, x1, acc);
+    else
+        block8x3(wb, rs, ss, c, e, tail, x, x1, x2, acc);
 }
 
-static void block1x1(const uint16_t *w, int n32, __mmask32 tail, const uint16_t *x, V *acc) {
-    block(w, 0, 0, n32, tail, x, 0, 1, acc, 1, 1);
-}
-
-/* All tile input rows over WR weight rows (wb), in groups of XR rows, the columns in chunks of `chunk`: the
- * weight rows' chunk is read from memory by the first group and from L1 by the others. */
-static inline __attribute__((always_inline)) void rows_block(const uint16_t *wb, int n_in, int n32, __mmask32 tail,
-                                                             const uint16_t *xt, int tile, int chunk,
-                                                             const uint16_t *bias, int o0, uint16_t *yt, long ldy,
-                                                             const int WR, const int XR) {
+/* All tile input rows over one block of 8 weight rows (wb; rs, ss as in block8x1), in groups of XR rows, the
+ * columns in chunks of `chunk`. */
+static inline __attribute__((always_inline)) void rows_block(const uint16_t *wb, long rs, long ss, int n32,
+                                                             __mmask32 tail, const uint16_t *xt, int n_in, int tile,
+                                                             int chunk, const uint16_t *bias, int o0, uint16_t *yt,
+                                                             long ldy, const int XR) {
     V acc[(XTILE + XR - 1) / XR][XR * WR];
     const int groups = (tile + XR - 1) / XR;
     for (int g = 0; g < groups; g++)
@@ -94,11 +139,11 @@ static inline __attribute__((always_inline)) void rows_block(const uint16_t *wb,
             acc[g][k] = _mm512_setzero_ps();
     int c = 0;
     do {  /* at least once: a width under 32 is all tail */
-        const int e = c + chunk < n32 ? c + chunk : n32;
+        const int e = groups > 1 && c + chunk < n32 ? c + chunk : n32;
         const __mmask32 t = e == n32 ? tail : 0;
         for (int g = 0; g < groups; g++) {
             const int nx = tile - XR * g < XR ? tile - XR * g : XR;
-            block(wb, n_in, c, e, t, xt + (long)XR * g * n_in, n_in, nx, acc[g], WR, XR);
+            group(wb, rs, ss, c, e, t, xt + (long)XR * g * n_in, n_in, nx, XR, acc[g]);
         }
         c = e;
     } while (c < n32);
@@ -108,51 +153,35 @@ static inline __attribute__((always_inline)) void rows_block(const uint16_t *wb,
                 yt[(long)(XR * g + m) * ldy + o0 + k] = finish(acc[g][m * WR + k], bias, o0 + k);
 }
 
-static void decode_rows(const uint16_t *wb, int n_in, int n32, __mmask32 tail, const uint16_t *xt, int tile,
-                        const uint16_t *bias, int o0, uint16_t *yt, long ldy) {
-    rows_block(wb, n_in, n32, tail, xt, tile, DCHUNK, bias, o0, yt, ldy, DWR, DXR);
-}
-
-static void prompt_rows(const uint16_t *wb, int n_in, int n32, __mmask32 tail, const uint16_t *xt, int tile,
-                        const uint16_t *bias, int o0, uint16_t *yt, long ldy) {
-    rows_block(wb, n_in, n32, tail, xt, tile, KCHUNK, bias, o0, yt, ldy, PWR, PXR);
-}
-
+/* w: packed (pack_avx512bf16) when `packed`, else the plain [n_out, n_in] weight. */
 void linear_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
-                        int n_out, int n_in, int threads) {
+                        int n_out, int n_in, int packed, int threads) {
     const int n32 = n_in & ~31;
     const __mmask32 tail = n_in == n32 ? 0 : (__mmask32)((1u << (n_in - n32)) - 1u);
+    const long ld = packed ? (n_in + 31) & ~31 : n_in;  /* one weight row's length in memory */
+    const long rs = packed ? 32 : ld, ss = packed ? PIECE : 32;  /* see block8x1 */
+    const int blocks = n_out / WR;
     for (int m0 = 0; m0 < rows; m0 += XTILE) {
-        const int tile = rows - m0 < XTILE ? rows - m0 : XTILE, wr = tile == 1 ? 8 : tile >= PROMPT_ROWS ? PWR : DWR;
-        const int blocks = n_out / wr;
+        const int tile = rows - m0 < XTILE ? rows - m0 : XTILE;
         const uint16_t *xt = x + (long)m0 * n_in;
         uint16_t *yt = y + (long)m0 * n_out;
         #pragma omp parallel for schedule(static) num_threads(threads)
         for (int b = 0; b < blocks + 1; b++) {
-            if (b == blocks) {  /* the last n_out % wr weight rows, one at a time */
-                for (int o = wr * blocks; o < n_out; o++)
+            if (b == blocks) {  /* the last n_out % 8 weight rows, whole rows after the blocks */
+                for (int o = WR * blocks; o < n_out; o++)
                     for (int m = 0; m < tile; m++) {
-                        V acc = _mm512_setzero_ps();
-                        block1x1(w + (long)o * n_in, n32, tail, xt + (long)m * n_in, &acc);
+                        const V acc = row1x1(w + (long)o * ld, n32, tail, xt + (long)m * n_in);
                         yt[(long)m * n_out + o] = finish(acc, bias, o);
                     }
                 continue;
             }
-            const uint16_t *wb = w + (long)b * wr * n_in;
-            const int o0 = b * wr;
-            if (tile == 1) {
-                V acc[8];
-                for (int k = 0; k < 8; k++)
-                    acc[k] = _mm512_setzero_ps();
-                block8x1(wb, n_in, n32, tail, xt, acc);
-                for (int k = 0; k < 8; k++)
-                    yt[o0 + k] = finish(acc[k], bias, o0 + k);
-                continue;
-            }
-            if (tile >= PROMPT_ROWS)
-                prompt_rows(wb, n_in, n32, tail, xt, tile, bias, o0, yt, n_out);
+            const uint16_t *wb = w + (long)b * WR * ld;
+            if (tile == 1)
+                rows_block(wb, rs, ss, n32, tail, xt, n_in, 1, n32, bias, b * WR, yt, n_out, 1);
+            else if (tile < PROMPT_ROWS)
+                rows_block(wb, rs, ss, n32, tail, xt, n_in, tile, DCHUNK, bias, b * WR, yt, n_out, DXR);
             else
-                decode_rows(wb, n_in, n32, tail, xt, tile, bias, o0, yt, n_out);
+                rows_block(wb, rs, ss, n32, tail, xt, n_in, tile, PCHUNK, bias, b * WR, yt, n_out, PXR);
         }
     }
 }

@@ -56,7 +56,7 @@ class NativeKernel:
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
         self._linear_dp = lib.linear_bf16_avx512  # no scratch: it reads the bf16 inputs as they are
         self._linear_dp.restype = None
-        self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
         lib.linear_xtile.restype = ctypes.c_int
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
         self._attn = lib.attention_bf16
@@ -67,6 +67,8 @@ class NativeKernel:
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if weight.dtype == torch.bfloat16 and self.bf16_units and weight.dim() == 2:
+            return self.linear_avx512(x, avx512bf16_operand(weight), bias)  # packs on every call: tests, one-offs
         rows, n_in = x.shape
         n_out = weight.shape[0]
         fn = self._linear.get(weight.dtype)
@@ -78,16 +80,31 @@ class NativeKernel:
         if bias is not None:
             bias = bias.to(wdtype).contiguous()
         y = torch.empty(rows, n_out, dtype=wdtype)
-        b = bias.data_ptr() if bias is not None else None
+        buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
         # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
-        if wdtype == torch.bfloat16 and self.bf16_units:
-            self._linear_dp(weight.data_ptr(), x.data_ptr(), b, y.data_ptr(), rows, n_out, n_in,
-                            torch.get_num_threads())
-        else:
-            buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
-            fn(weight.data_ptr(), x.data_ptr(), b, y.data_ptr(), buf.data_ptr(), rows, n_out, n_in,
-               torch.get_num_threads())
+        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+           buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
         return y if dtype == wdtype else y.to(dtype)
+
+    def linear_avx512(self, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = avx512bf16_operand(w). 2D x."""
+        rows, n_in = x.shape
+        n_out = operand.shape[0]
+        packed = n_in <= PACK_MAX_IN
+        if not self.bf16_units:
+            raise RuntimeError("linear_avx512bf16.c needs a CPU with AVX512_BF16")
+        if operand.dtype != torch.bfloat16 or not operand.is_contiguous() or operand.dim() != 2 \
+                or operand.shape[1] != (_padded(n_in) if packed else n_in):
+            raise ValueError(f"expected avx512bf16_operand() of a [{n_out}, {n_in}] bf16 weight, got "
+                             f"{operand.dtype} {tuple(operand.shape)}")
+        dtype = x.dtype
+        x = x.to(torch.bfloat16).contiguous()
+        if bias is not None:
+            bias = bias.to(torch.bfloat16).contiguous()
+        y = torch.empty(rows, n_out, dtype=torch.bfloat16)
+        self._linear_dp(operand.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
+                        y.data_ptr(), rows, n_out, n_in, int(packed), torch.get_num_threads())
+        return y if dtype == torch.bfloat16 else y.to(dtype)
 
     def read_probe(self, a: torch.Tensor) -> float:
         """Sum of a contiguous fp32 tensor, read as the bench's bandwidth probe (read_probe.c)."""
@@ -110,6 +127,38 @@ class NativeKernel:
                    mask.data_ptr() if mask is not None else None, m_st,
                    out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
         return out
+
+
+PACK_ROWS = 8  # linear_avx512bf16.c's WR
+# Weights this wide or narrower are packed for linear_avx512bf16.c; wider ones are read in place. Interleaved
+# runs of the kernel alone on the AVX512_BF16 machine, bf16: over all of Qwen2.5-0.5B's weights (896 and 4864
+# wide; 1 / 4 / 8 rows) 39 / 52 / 64 ms in place, 35 / 32 / 54 ms packed; over two Qwen-7B-shaped layers
+# (4096 and 11008 wide) 18-25 / 27-29 / 37-38 ms in place, 25-31 / 31-33 / 44-46 packed. A 1.8 KB row is too
+# short a stream for the hardware prefetcher to reach full speed on 8 of them at once; an 8 KB one is not.
+PACK_MAX_IN = 2048
+
+
+def _padded(n_in: int) -> int:
+    return (n_in + 31) // 32 * 32
+
+
+def avx512bf16_operand(weight: torch.Tensor) -> torch.Tensor:
+    """What linear_avx512bf16.c reads for a bf16 [n_out, n_in] weight: packed (a new tensor) up to PACK_MAX_IN
+    columns, else the weight itself (contiguous)."""
+    return pack_avx512bf16(weight) if weight.shape[1] <= PACK_MAX_IN else weight.contiguous()
+
+
+def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 [n_out, n_in] weight in linear_avx512bf16.c's packed layout, [n_out, n_in rounded up to 32]: rows
+    in blocks of 8, within a block the rows' 32-column pieces side by side, so a block is one sequential read;
+    the last n_out % 8 rows whole after the blocks; zeros past n_in. A new tensor."""
+    n_out, n_in = weight.shape
+    kp = _padded(n_in)
+    padded = torch.zeros(n_out, kp, dtype=torch.bfloat16)
+    padded[:, :n_in] = weight
+    whole = n_out // PACK_ROWS * PACK_ROWS
+    blocks = padded[:whole].view(-1, PACK_ROWS, kp // 32, 32).permute(0, 2, 1, 3).reshape(whole, kp)
+    return torch.cat([blocks, padded[whole:]]) if whole < n_out else blocks.contiguous()
 
 
 def _longs(values) -> ctypes.Array:
