@@ -11,14 +11,15 @@
  * time, left to right, the last partial 32 columns zero-filled, then one fixed reduction of the lanes, then
  * the bias, then one rounding to bf16 (to nearest even, as torch).
  *
- * The weight is packed once (native.pack_avx512bf16): rows in blocks of 8, and within a block the 8 rows'
- * 32-column pieces side by side (512 bytes per 32 columns), so that a thread reads its blocks as one
- * sequential stream. Read in place, 8 rows of an 896-wide weight are 8 streams of 1.8 KB each, too short for
- * the hardware prefetcher: over all of Qwen2.5-0.5B's bf16 weights the 4-row pass took 52-55 ms against 39-41
- * for one row; packed, TODO. Rows past the last multiple of 8 stay whole, after the blocks. Every row is
- * zero-padded to a multiple of 32 columns (kp).
+ * Weights up to native.PACK_MAX_IN wide are packed once (native.pack_avx512bf16): rows in blocks of 8, and
+ * within a block the 8 rows' 32-column pieces side by side (512 bytes per 32 columns), so that a thread reads
+ * its blocks as one sequential stream. Read in place, 8 rows of an 896-wide weight are 8 streams of 1.8 KB,
+ * too short for the hardware prefetcher (native.py has the figures). Rows past the last multiple of 8 stay
+ * whole, after the blocks; every packed row is zero-padded to a multiple of 32 columns. Wider weights are read
+ * in place. Both layouts give bitwise the same results: only where a weight is read from changes.
  *
- * wp: packed [n_out, kp], x: [rows, n_in], bias: [n_out] or NULL, y: [rows, n_out], all bf16, row-major.
+ * w: packed [n_out, n_in rounded up to 32] or plain [n_out, n_in], x: [rows, n_in], bias: [n_out] or NULL,
+ * y: [rows, n_out], all bf16, row-major.
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #include "bf16_simd.h"
@@ -34,29 +35,22 @@ typedef __m512 V;
 #define PROMPT_ROWS 9
 /* Input rows per group: the accumulators of 8 weight rows times DXR (decode) or PXR (prompt) rows are registers
  * (16 or 24 of the 32). */
-#ifndef DXR
 #define DXR 2
-#endif
-#ifndef PXR
 #define PXR 3
-#endif
 /* Columns per chunk of a pass with more than one group: the block's chunk (8 x 1 KB, or 8 x 2 KB) is read
  * from memory by the first group and from L1 by the others. Multiples of 32. */
-#ifndef DCHUNK
 #define DCHUNK 512
-#endif
-#ifndef PCHUNK
 #define PCHUNK 1024
-#endif
 
 static inline uint16_t finish(V acc, const uint16_t *bias, int o) {
     float r = _mm512_reduce_add_ps(acc);
     return float_to_bf16(bias ? r + bf16_to_float(bias[o]) : r);
 }
 
-/* One packed block's 8 weight rows times 1, 2 or 3 input rows over columns [c, e) (full 32-column steps),
- * plus the last, partial step at column e when tail != 0 (x zero-filled past n_in, the weight zero-padded).
- * Row k's 32 columns at step i are at wb + (i / 32) * PIECE + k * 32. Accumulators in acc ([rows][8])
+/* One block of 8 weight rows times 1, 2 or 3 input rows over columns [c, e) (full 32-column steps),
+ * plus the last, partial step at column e when tail != 0 (x and w zero-filled past n_in). Row k's 32 columns
+ * at step i are at wb + (i / 32) * ss + k * rs: ss = PIECE, rs = 32 in a packed block; ss = 32, rs = the row
+ * length for a weight read in place. Accumulators in acc ([rows][8])
  * between calls, in named registers while in here: GCC kept an array of them in memory, with a load and a
  * store around every VDPBF16PS, and prompt passes ran at half speed. xr0-xr2: the input rows (a repeated
  * row's sums are dropped by the caller). Every accumulator takes the same steps in the same order in all

@@ -1,5 +1,6 @@
 """Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears on
-AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it), bf16_attention.c (bf16 attention: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
+AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it),
+bf16_attention.c (bf16 attention: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -61,7 +62,8 @@ class NativeKernel:
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
         self._attn = lib.attention_bf16
         self._attn.restype = None
-        self._attn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        self._attn.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_int] * 6
+                               + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
         self._probe = lib.read_probe
         self._probe.restype = ctypes.c_float
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -130,11 +132,11 @@ class NativeKernel:
 
 
 PACK_ROWS = 8  # linear_avx512bf16.c's WR
-# Weights this wide or narrower are packed for linear_avx512bf16.c; wider ones are read in place. Interleaved
-# runs of the kernel alone on the AVX512_BF16 machine, bf16: over all of Qwen2.5-0.5B's weights (896 and 4864
-# wide; 1 / 4 / 8 rows) 39 / 52 / 64 ms in place, 35 / 32 / 54 ms packed; over two Qwen-7B-shaped layers
-# (4096 and 11008 wide) 18-25 / 27-29 / 37-38 ms in place, 25-31 / 31-33 / 44-46 packed. A 1.8 KB row is too
-# short a stream for the hardware prefetcher to reach full speed on 8 of them at once; an 8 KB one is not.
+# Weights this wide or narrower are packed for linear_avx512bf16.c; wider ones are read in place. The kernel
+# alone on the AVX512_BF16 machine, bf16, both layouts side by side in each of 3 runs, 1 / 4 / 8 rows: over all
+# of Qwen2.5-0.5B's weights (896 and 4864 wide) 40-50 / 49-60 / 60-69 ms in place, 27-40 / 38-44 / 59-69
+# packed; over two Qwen-7B-shaped layers (4096 and 11008 wide) 30-31 / 32-36 / 36-40 in place, 27-30 / 39-41
+# / 50-53 packed. 8 rows of 1.8 KB are streams too short for the hardware prefetcher; of 8 KB, they are not.
 PACK_MAX_IN = 2048
 
 
