@@ -221,7 +221,7 @@ def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
         native.native_kernel.cache_clear()
 
 
-# ---- bf16 attention (bf16_attention.c behind torch's SDPA): decode steps and prompts ----
+# ---- bf16 and fp32 attention (attention.c behind torch's SDPA): decode steps and prompts ----
 
 @pytest.fixture
 def patched_sdpa():
@@ -232,35 +232,42 @@ def patched_sdpa():
     attention.uninstall()
 
 
-def _qkv(B, H, Hkv, T, D, seed=0):
+def _qkv(B, H, Hkv, T, D, seed=0, dtype=torch.bfloat16):
     torch.manual_seed(seed)
-    return (torch.randn(B, H, 1, D).to(torch.bfloat16), torch.randn(B, Hkv, T, D).to(torch.bfloat16),
-            torch.randn(B, Hkv, T, D).to(torch.bfloat16))
+    return (torch.randn(B, H, 1, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype),
+            torch.randn(B, Hkv, T, D).to(dtype))
 
 
-def _masks(B, H, T):
+# dtype -> (rtol, atol) of the kernel against torch's SDPA; and how much further than torch's from the exact
+# result the kernel may be (fp32: both within rounding of it).
+ATTENTION_DTYPES = {torch.bfloat16: (1.6e-2, 1e-2, 4e-3), torch.float32: (1e-5, 1e-5, 1e-6)}
+
+
+def _masks(B, H, T, dtype=torch.bfloat16):
     keep = torch.rand(B, 1, 1, T) > 0.3
     keep[..., -1] = True  # every row attends to something, as in decoding
     per_head = torch.rand(B, H, 1, T) > 0.5
     per_head[..., 0] = True
     return [None, keep, keep[:1], per_head, torch.zeros(B, 1, 1, T).masked_fill(~keep, float("-inf")),
-            torch.zeros(B, 1, 1, T, dtype=torch.bfloat16).masked_fill(~keep, torch.finfo(torch.bfloat16).min)]
+            torch.zeros(B, 1, 1, T, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)]
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 32, 32, 80, 128), (3, 8, 2, 50, 64), (2, 4, 4, 7, 72), (1, 2, 1, 1, 8)])
-def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D):
+def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D, dtype):
     original = patched_sdpa
-    q, k, v = _qkv(B, H, Hkv, T, D)
+    rtol, atol, further = ATTENTION_DTYPES[dtype]
+    q, k, v = _qkv(B, H, Hkv, T, D, dtype=dtype)
     gqa = Hkv != H
-    for i, mask in enumerate(_masks(B, H, T)):
+    for i, mask in enumerate(_masks(B, H, T, dtype)):
         got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         want = original(q, k, v, attn_mask=mask, enable_gqa=gqa)
         exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa,
                          attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
-        assert got.shape == want.shape and got.dtype == torch.bfloat16, i
-        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=f"mask {i}")
-        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + 4e-3, i
+        assert got.shape == want.shape and got.dtype == dtype, i
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=f"mask {i}")
+        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + further, i
 
 
 @needs_kernel
@@ -274,11 +281,12 @@ def test_decode_attention_takes_strided_queries_and_a_scale(patched_sdpa):
 
 
 @needs_kernel
-def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa):
+@pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
+def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa, dtype):
     """Batched decode == single: the padding columns a batch adds change nothing, bitwise."""
-    q, k, v = _qkv(1, 4, 4, 6, 32)
+    q, k, v = _qkv(1, 4, 4, 6, 32, dtype=dtype)
     alone = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    pad = torch.zeros(1, 4, 3, 32, dtype=torch.bfloat16)
+    pad = torch.zeros(1, 4, 3, 32, dtype=dtype)
     mask = torch.tensor([[[[False] * 3 + [True] * 6]]])
     padded = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([pad, k], 2), torch.cat([pad, v], 2),
                                                               attn_mask=mask)
@@ -286,7 +294,8 @@ def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp32", "dropout", "no-gqa-flag"])
+@pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp16", "dropout", "no-gqa-flag",
+                                  "bf16-mask-on-fp32"])
 def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monkeypatch):
     from launch.batching import attention
 
@@ -298,30 +307,35 @@ def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monke
         kw["is_causal"] = True
     elif case == "causal-and-mask":
         kw["is_causal"], kw["attn_mask"] = True, torch.ones(1, 1, 1, 5, dtype=torch.bool)
-    elif case == "fp32":
-        q, k, v = q.float(), k.float(), v.float()
+    elif case == "fp16":
+        q, k, v = q.half(), k.half(), v.half()
     elif case == "dropout":
         kw["dropout_p"] = 0.5
+    elif case == "bf16-mask-on-fp32":
+        q, k, v = q.float(), k.float(), v.float()
+        kw["attn_mask"] = torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16)
     calls = []
     monkeypatch.setattr(attention, "_attend", lambda *a: calls.append(a))
     try:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
     except RuntimeError:
-        assert case in ("no-gqa-flag", "causal-and-mask")  # SDPA's own errors
+        assert case in ("no-gqa-flag", "causal-and-mask", "bf16-mask-on-fp32")  # SDPA's own errors
     assert calls == []
 
 
-def _prompt_qkv(B, H, Hkv, Q, T, D, seed=0):
+def _prompt_qkv(B, H, Hkv, Q, T, D, seed=0, dtype=torch.bfloat16):
     torch.manual_seed(seed)
-    return (torch.randn(B, H, Q, D).to(torch.bfloat16), torch.randn(B, Hkv, T, D).to(torch.bfloat16),
-            torch.randn(B, Hkv, T, D).to(torch.bfloat16))
+    return (torch.randn(B, H, Q, D).to(dtype), torch.randn(B, Hkv, T, D).to(dtype),
+            torch.randn(B, Hkv, T, D).to(dtype))
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
 @pytest.mark.parametrize("B,H,Hkv,Q,D", [(1, 9, 3, 37, 64), (2, 4, 4, 5, 72), (1, 2, 1, 300, 8)])
-def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D):
+def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D, dtype):
     original = patched_sdpa
-    q, k, v = _prompt_qkv(B, H, Hkv, Q, Q, D)
+    rtol, atol, further = ATTENTION_DTYPES[dtype]
+    q, k, v = _prompt_qkv(B, H, Hkv, Q, Q, D, dtype=dtype)
     gqa = Hkv != H
     keep = torch.ones(Q, Q, dtype=torch.bool).tril()
     keep = keep.expand(B, 1, Q, Q).clone()
@@ -331,24 +345,25 @@ def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D):
         got = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
         want = original(q, k, v, enable_gqa=gqa, **kw)
         exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa, **kw)
-        assert got.shape == want.shape and got.dtype == torch.bfloat16, kw
-        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2, msg=str(kw))
-        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + 4e-3, kw
+        assert got.shape == want.shape and got.dtype == dtype, kw
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=str(kw))
+        assert (got.double() - exact).abs().max() <= (want.double() - exact).abs().max() + further, kw
 
 
 @needs_kernel
-def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa):
+@pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
+def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa, dtype):
     """Prefill batched == alone: a prompt's attention is bitwise the same whether it runs alone (is_causal),
     left-padded in a group (a mask), or after a common beginning that was computed first (its keys in the
     cache, a gap of padding between them and the rest). torch's flash attention differs in all three."""
     Q, pad, shared, H, D = 40, 3, 16, 4, 32
-    q, k, v = _prompt_qkv(1, H, H, Q, Q, D)
+    q, k, v = _prompt_qkv(1, H, H, Q, Q, D, dtype=dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     alone = sdpa(q, k, v, is_causal=True)
     causal = torch.ones(Q, Q, dtype=torch.bool).tril()
 
     def padded(t):
-        return torch.cat([torch.zeros(1, H, pad, D, dtype=torch.bfloat16), t], 2)
+        return torch.cat([torch.zeros(1, H, pad, D, dtype=dtype), t], 2)
 
     mask = torch.zeros(1, 1, Q + pad, Q + pad, dtype=torch.bool)
     mask[..., pad:, pad:] = causal
@@ -356,8 +371,8 @@ def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa):
     in_group = sdpa(padded(q), padded(k), padded(v), attn_mask=mask)[:, :, pad:]
     assert torch.equal(in_group, alone)
     # [shared | gap | rest]: the rest's queries over the shared keys, a masked gap, and their own keys
-    keys = torch.cat([k[:, :, :shared], torch.zeros(1, H, pad, D, dtype=torch.bfloat16), k[:, :, shared:]], 2)
-    values = torch.cat([v[:, :, :shared], torch.zeros(1, H, pad, D, dtype=torch.bfloat16), v[:, :, shared:]], 2)
+    keys = torch.cat([k[:, :, :shared], torch.zeros(1, H, pad, D, dtype=dtype), k[:, :, shared:]], 2)
+    values = torch.cat([v[:, :, :shared], torch.zeros(1, H, pad, D, dtype=dtype), v[:, :, shared:]], 2)
     rest_mask = torch.zeros(1, 1, Q - shared, Q + pad, dtype=torch.bool)
     rest_mask[..., :shared] = True
     rest_mask[..., shared + pad:] = causal[shared:, shared:]

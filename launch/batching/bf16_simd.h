@@ -1,4 +1,4 @@
-/* bf16 <-> fp32 and AVX2 helpers shared by the kernels (linear.c, bf16_attention.c).
+/* bf16 <-> fp32 and AVX2 helpers shared by the kernels (linear.c, linear_avx512bf16.c, attention.c).
  * bf16 is the top half of an fp32, so widening is a 16-bit shift and narrowing is a rounding. */
 #ifndef CPU_ARENA_BF16_SIMD_H
 #define CPU_ARENA_BF16_SIMD_H

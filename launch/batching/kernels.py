@@ -9,7 +9,7 @@ continuous batch of 4 gained little. Two backends fix that, chosen per dtype by 
   way whatever the number of rows (oneDNN's bf16 matmul does not, see choose_backend), and reads the
   module's own weight, so nothing is copied and a tied output projection stays tied. Qwen2.5-0.5B fp32
   decode step, 2 threads, AVX2: 219 ms with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 ->
-  210 ms). For bf16, attention goes to bf16_attention.c as well (attention.py).
+  210 ms). Attention goes to attention.c as well (attention.py).
 - oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
   kernel inductor's freezing pass uses), where there is no kernel (no compiler, no AVX2). The packed
   copy replaces the module's weight, except where the output projection shares its weight with the
@@ -238,10 +238,10 @@ def prepack_linears(model: nn.Module) -> int:
     if backend is None:
         log.info("linears stay on %s", linear_backend(dtype))
         return 0
-    if dtype == torch.bfloat16 and backend is not ONEDNN:  # on the project's kernels
+    if backend is not ONEDNN:  # on the project's kernels
         from launch.batching import attention
 
-        attention.install(native_kernel()[0])  # attention too: faster decode, and prompts batched == alone
+        attention.install(native_kernel()[0])  # attention too: batched == alone, and faster bf16 decode
     n = _fuse_shared_inputs(model, dtype, backend)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -1,6 +1,6 @@
 """Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears on
 AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it),
-bf16_attention.c (bf16 attention: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
+attention.c (attention for bf16 and fp32: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -25,8 +25,8 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 from launch.hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("linear.c", "linear_avx512bf16.c", "bf16_attention.c", "read_probe.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "linear_blocks.h"))
+                for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "read_probe.c"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "linear_blocks.h", "attention_body.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -41,7 +41,7 @@ def has_bf16_units() -> bool:
 
 class NativeKernel:
     """The loaded library. `__call__` computes x @ w.T (+ bias) for a 2D x and a bf16 or fp32 weight, in the
-    weight's dtype; `attention` is bf16 attention (decode steps and prompts, attention.py).
+    weight's dtype; `attention` is bf16 or fp32 attention (decode steps and prompts, attention.py).
 
     `bf16_units`: bf16 linears on linear_avx512bf16.c (default: where the CPU has AVX512_BF16), else on
     linear.c's AVX2 widening."""
@@ -60,10 +60,10 @@ class NativeKernel:
         self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
         lib.linear_xtile.restype = ctypes.c_int
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
-        self._attn = lib.attention_bf16
-        self._attn.restype = None
-        self._attn.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_int] * 6
-                               + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+        self._attn = {torch.bfloat16: lib.attention_bf16, torch.float32: lib.attention_f32}
+        for fn in self._attn.values():
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self._probe = lib.read_probe
         self._probe.restype = ctypes.c_float
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -116,18 +116,18 @@ class NativeKernel:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float, causal: bool = False) -> torch.Tensor:
-        """q [B, H, Q, D], k/v [B, Hkv, T, D] (bf16, last dim contiguous), mask additive fp32 [B, H, Q, T] (strides
-        0 where broadcast) or None, causal: query i sees keys 0..i (SDPA's is_causal) -> [B, H, Q, D] bf16.
-        The caller (attention.py) checks shapes and dtypes."""
+        """q [B, H, Q, D], k/v [B, Hkv, T, D] (all bf16 or all fp32, last dim contiguous), mask additive fp32
+        [B, H, Q, T] (strides 0 where broadcast) or None, causal: query i sees keys 0..i (SDPA's is_causal)
+        -> [B, H, Q, D] in q's dtype. The caller (attention.py) checks shapes and dtypes."""
         B, H, Q, D = q.shape
         Hkv, T = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
-        out = torch.empty(B, H, Q, D, dtype=torch.bfloat16)
+        out = torch.empty(B, H, Q, D, dtype=q.dtype)
         scores = torch.empty(threads * T, dtype=torch.float32)
         q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0, 0)) for t in (q, k, v, mask))
-        self._attn(q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
-                   mask.data_ptr() if mask is not None else None, m_st,
-                   out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
+        self._attn[q.dtype](q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
+                            mask.data_ptr() if mask is not None else None, m_st,
+                            out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
         return out
 
 

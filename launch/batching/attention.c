@@ -1,0 +1,45 @@
+/* Attention for bf16 and fp32 models: decode (one new token over the KV cache) and prompts (many queries),
+ * built by native.py and called through attention.py.
+ *
+ * Why decode: PyTorch's CPU scaled_dot_product_attention on bf16 with a single query costs ~0.6 ms per 7B
+ * layer at 80 cached tokens and ~7.8 ms at 1000, where reading that cache takes ~1 ms: 250 ms per
+ * token of a 7B model at 1000 tokens of context. This reads each cached key and value once.
+ *
+ * Why prompts, and fp32: the batching worker prefills prompts that arrive together in one pass, left-padded,
+ * and computes their common beginning once, and it decodes rows of different lengths left-padded in one
+ * batch. PyTorch's attention sums a row's keys in blocks that depend on the padding and on the split, so a
+ * prompt's cache came out different batched than alone (SmolLM2-135M, 4 prompts: 27-96 thousand differing key
+ * elements in bf16, 35-115 thousand in fp32), and answers can change. Here a query's output depends only on
+ * its own real keys, in order: a masked key adds an exact zero.
+ *
+ * q: [B, H, Q, D] at q_strides; k, v: [B, Hkv, T, D] at their strides (D contiguous); the query heads
+ * H / Hkv share a key head (grouped-query attention). mask: additive fp32 [B, H, Q, T] at mask strides
+ * (0 where broadcast), or NULL. causal: query i sees keys 0..i only (top-left, as SDPA's is_causal).
+ * out: [B, H, Q, D], contiguous, in the inputs' type. scores: threads * T floats. Scores, softmax and the
+ * weighted sum are fp32; a bf16 output is rounded once.
+ */
+#include <math.h>
+#include <omp.h>
+#include "bf16_simd.h"
+
+#define ELEM uint16_t
+#define TOF bf16_to_float
+#define FROMF float_to_bf16
+#define DOT dot_bf16
+#define LOAD8 load8_bf16
+#define NAME attention_bf16
+#include "attention_body.h"
+#undef ELEM
+#undef TOF
+#undef FROMF
+#undef DOT
+#undef LOAD8
+#undef NAME
+
+#define ELEM float
+#define TOF f32_to_float
+#define FROMF f32_to_float
+#define DOT dot_f32
+#define LOAD8 _mm256_loadu_ps
+#define NAME attention_f32
+#include "attention_body.h"
