@@ -50,11 +50,10 @@ static inline uint16_t finish(V acc, const uint16_t *bias, int o) {
 /* One block of 8 weight rows times 1, 2 or 3 input rows over columns [c, e) (full 32-column steps),
  * plus the last, partial step at column e when tail != 0 (x and w zero-filled past n_in). Row k's 32 columns
  * at step i are at wb + (i / 32) * ss + k * rs: ss = PIECE, rs = 32 in a packed block; ss = 32, rs = the row
- * length for a weight read in place. Accumulators in acc ([rows][8])
- * between calls, in named registers while in here: GCC kept an array of them in memory, with a load and a
- * store around every VDPBF16PS, and prompt passes ran at half speed. xr0-xr2: the input rows (a repeated
- * row's sums are dropped by the caller). Every accumulator takes the same steps in the same order in all
- * three. */
+ * length for a weight read in place. Accumulators in acc ([rows][8]) between calls, in named registers while
+ * in here: GCC kept an array of them in memory, with a load and a store around every VDPBF16PS, and prompt
+ * passes ran at half speed. xr0-xr2: the input rows (a repeated row's sums are dropped by the caller). Every
+ * accumulator takes the same steps in the same order in all three. */
 #define K8(F, m) F(m, 0) F(m, 1) F(m, 2) F(m, 3) F(m, 4) F(m, 5) F(m, 6) F(m, 7)
 #define ACC_IN(m, k) V a##m##k = acc[(m) * 8 + (k)];
 #define ACC_OUT(m, k) acc[(m) * 8 + (k)] = a##m##k;

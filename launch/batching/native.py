@@ -77,16 +77,12 @@ class NativeKernel:
         if fn is None or not weight.is_contiguous() or weight.shape[1] != n_in:
             raise ValueError(f"the linear kernel needs a contiguous bf16 or fp32 [{n_out}, {n_in}] weight, got "
                              f"{weight.dtype} {tuple(weight.shape)}")
-        dtype, wdtype = x.dtype, weight.dtype
-        x = x.to(wdtype).contiguous()
-        if bias is not None:
-            bias = bias.to(wdtype).contiguous()
-        y = torch.empty(rows, n_out, dtype=wdtype)
+        xw, bias, y = _in_weight_dtype(x, bias, weight.dtype, n_out)
         buf = torch.empty(min(rows, self.xtile) * n_in, dtype=torch.float32)  # the inputs widened to fp32
         # ctypes releases the GIL for the call: the worker's HTTP thread keeps streaming meanwhile.
-        fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
-           buf.data_ptr(), rows, n_out, n_in, torch.get_num_threads())
-        return y if dtype == wdtype else y.to(dtype)
+        fn(weight.data_ptr(), xw.data_ptr(), _ptr(bias), y.data_ptr(), buf.data_ptr(), rows, n_out, n_in,
+           torch.get_num_threads())
+        return y.to(x.dtype)
 
     def linear_avx512(self, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = avx512bf16_operand(w). 2D x."""
@@ -99,14 +95,10 @@ class NativeKernel:
                 or operand.shape[1] != (_padded(n_in) if packed else n_in):
             raise ValueError(f"expected avx512bf16_operand() of a [{n_out}, {n_in}] bf16 weight, got "
                              f"{operand.dtype} {tuple(operand.shape)}")
-        dtype = x.dtype
-        x = x.to(torch.bfloat16).contiguous()
-        if bias is not None:
-            bias = bias.to(torch.bfloat16).contiguous()
-        y = torch.empty(rows, n_out, dtype=torch.bfloat16)
-        self._linear_dp(operand.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None,
-                        y.data_ptr(), rows, n_out, n_in, int(packed), torch.get_num_threads())
-        return y if dtype == torch.bfloat16 else y.to(dtype)
+        xw, bias, y = _in_weight_dtype(x, bias, torch.bfloat16, n_out)
+        self._linear_dp(operand.data_ptr(), xw.data_ptr(), _ptr(bias), y.data_ptr(), rows, n_out, n_in,
+                        int(packed), torch.get_num_threads())
+        return y.to(x.dtype)
 
     def read_probe(self, a: torch.Tensor) -> float:
         """Sum of a contiguous fp32 tensor, read as the bench's bandwidth probe (read_probe.c)."""
@@ -126,9 +118,20 @@ class NativeKernel:
         scores = torch.empty(threads * T, dtype=torch.float32)
         q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0, 0)) for t in (q, k, v, mask))
         self._attn[q.dtype](q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
-                            mask.data_ptr() if mask is not None else None, m_st,
+                            _ptr(mask), m_st,
                             out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
         return out
+
+
+def _in_weight_dtype(x: torch.Tensor, bias: torch.Tensor | None, wdtype: torch.dtype, n_out: int):
+    """(x and bias in the weight's dtype and contiguous, as the kernels read them; the output to fill)."""
+    if bias is not None:
+        bias = bias.to(wdtype).contiguous()
+    return x.to(wdtype).contiguous(), bias, torch.empty(x.shape[0], n_out, dtype=wdtype)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
 
 
 PACK_ROWS = 8  # linear_avx512bf16.c's WR
