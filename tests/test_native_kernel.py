@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -68,6 +69,51 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, units, n_in)
     alone = torch.cat([kernel(x[i:i + 1], w, None) for i in range(len(x))])
     for rows in (2, 3, 4, 5, 8, 9, 16, 17, XTILE, XTILE + 1, 2 * XTILE + 3):
         assert torch.equal(kernel(x[:rows], w, None), alone[:rows])
+
+
+def _lanes_summed_as_documented(lanes: np.ndarray) -> np.ndarray:
+    """linear_avx512bf16.c's reduction of 16 fp32 lanes [..., 16], in fp32: lane i + lane i+8, then + 4, +2, +1."""
+    s = lanes[..., :8] + lanes[..., 8:]
+    t = s[..., :4] + s[..., 4:]
+    u = t[..., :2] + t[..., 2:]
+    return u[..., 0] + u[..., 1]
+
+
+@needs_kernel
+@pytest.mark.skipif(not native.has_bf16_units(), reason="the CPU has no AVX512_BF16")
+def test_every_output_sums_its_lanes_by_the_one_documented_tree():
+    """Weight rows in a block of 8 are reduced 8 at a time with shuffles, a row past the last block alone: both
+    must be the one tree, or a row's result would depend on where it sits. 32 columns, only the even ones
+    non-zero, inputs +-1: each lane then holds one product exactly and only the tree decides the rounding.
+    Two lanes of each weight row hold 2^20, which cancel for half of the inputs: the rounding of the sums
+    around them then shows in the small result, so another tree gives other bits (checked: a left-to-right sum
+    or another pairing at any stage fails)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 32, generator=gen).to(torch.bfloat16)
+    w[:, 1::2] = 0
+    for r in range(9):
+        a, b = torch.randperm(16, generator=gen)[:2].tolist()
+        w[r, 2 * a] = w[r, 2 * b] = 2.0 ** 20
+    x = torch.randint(0, 2, (64, 32), generator=gen).to(torch.bfloat16) * 2 - 1
+    lanes = (x[:, None, 0::2].float() * w[None, :, 0::2].float()).numpy()  # [rows, 9, 16], exact
+    want = torch.from_numpy(_lanes_summed_as_documented(lanes)).to(torch.bfloat16)
+    assert torch.equal(kernel_for(True)(x, w, None), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,units", PATHS)
+@pytest.mark.parametrize("n_in", [32, 200, 1003])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_a_weight_row_gives_bitwise_the_same_in_a_block_or_alone(dtype, units, n_in, rows):
+    """The kernels compute weight rows in blocks (8 at a time) and the rows past the last whole block one by
+    one; both must sum in the same order (linear_avx512bf16.c: one reduction tree, vectorised for blocks).
+    Row 8 here is a copy of row 3, bias too: their outputs must be equal bits."""
+    torch.manual_seed(n_in + rows)
+    w, bias = torch.randn(9, n_in).to(dtype), torch.randn(9).to(dtype)
+    w[8], bias[8] = w[3], bias[3]
+    x = torch.randn(rows, n_in).to(dtype)
+    y = kernel_for(units)(x, w, bias)
+    assert torch.equal(y[:, 8], y[:, 3])
 
 
 @needs_kernel
