@@ -66,6 +66,21 @@ class CountingTokenizer:
         return self.tok.decode(ids, **kw)
 
 
+def test_greedy_choice_is_torchs_bf16_argmax_first_maximum_included():
+    import torch
+
+    from launch.batching.params import choose_token, greedy_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 151936).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 99] = logits[2].max() + 1  # equal maxima: the first one wins, as in torch
+    want = logits.argmax(dim=-1).tolist()
+    assert want[2] == 7
+    assert greedy_tokens(logits) == want
+    p = GenParams.from_fastchat({"prompt": "x", "temperature": 0}, None)
+    assert [choose_token(row, p, []) for row in logits] == want
+
+
 def test_streaming_text_costs_constant_decode_work_per_token(tokenizer):
     """FastChat's worker re-decodes the whole output every stream_interval tokens (quadratic in the
     answer's length, the per-token cost grows as it goes). Here each token decodes a few ids."""

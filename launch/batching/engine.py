@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from launch.batching.attention import PROMPT_QUERIES_MAX
 from launch.batching.cores import CoreLease
-from launch.batching.params import GenParams, choose_token
+from launch.batching.params import GenParams, choose_token, greedy_tokens
 from launch.batching.prefill import prefill
 from launch.batching.text import IncrementalText, StopText
 from launch.batching.thread import EngineThread
@@ -243,7 +243,7 @@ class BatchEngine(EngineThread):
         self.steps += 1
         logits = out.logits[:, -1, :]
         # Greedy rows: one argmax over the whole batch instead of one call per row.
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(logits)
         keep = []
         for i, r in enumerate(self.rows):
             r.length += 1

@@ -60,6 +60,13 @@ class GenParams:
                 "echo": self.echo, "stop": list(self.stop), "stop_token_ids": sorted(self.stop_token_ids)}
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first of equal maxima) of [rows, vocab] logits. In fp32: torch's bf16 argmax is
+    not vectorised (Qwen2.5's 151936 logits: 0.56 ms a row in bf16, 0.17 ms converted first; 4 rows 1.15 ->
+    0.54 ms, every decode step). Widening bf16 to fp32 is exact, so the choice is the same."""
+    return logits.float().argmax(dim=-1).tolist()
+
+
 def choose_token(logits: torch.Tensor, params: GenParams, output_ids: list[int],
                  generator: torch.Generator | None = None) -> int:
     """Pick the next token for one row from its last-position logits (shape [vocab]).
@@ -68,7 +75,7 @@ def choose_token(logits: torch.Tensor, params: GenParams, output_ids: list[int],
     reuses FastChat's own logits processors so the knobs mean what they mean in the stock worker.
     """
     if params.greedy:
-        return int(torch.argmax(logits))
+        return greedy_tokens(logits[None])[0]
     from fastchat.serve.inference import prepare_logits_processor
 
     procs = prepare_logits_processor(params.temperature, params.repetition_penalty, params.top_p, params.top_k)
