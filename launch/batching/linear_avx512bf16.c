@@ -154,7 +154,7 @@ static V row1x1(const uint16_t *w, int n32, __mmask32 tail, const uint16_t *x) {
 
 /* XR (1-3) input rows, xs apart, nx of them real, over one block. */
 INLINE void group(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *x,
-                         long xs, int nx, int XR, V *acc) {
+                  long xs, int nx, int XR, V *acc) {
     const uint16_t *x1 = nx > 1 ? x + xs : x, *x2 = nx > 2 ? x + 2 * xs : x;
     if (XR == 1)
         block8x1(wb, rs, ss, c, e, tail, x, acc);
@@ -177,11 +177,13 @@ INLINE void rows_block(const uint16_t *wb, long rs, long ss, int n32, __mmask32 
     do {  /* at least once: a width under 32 is all tail */
         const int e = groups > 1 && c + chunk < n32 ? c + chunk : n32;
         const __mmask32 t = e == n32 ? tail : 0;
-        /* A prompt pass over a packed weight: what this thread reads next (the next chunk of this block, or its
-         * next block: static schedule) is the memory right after this chunk. It is fetched into L2 a few lines
-         * per group while this chunk is multiplied (64-row pass over Qwen2.5-0.5B's weights -9%, 26 rows -16%;
-         * for weights read in place, 8 row pieces, it made no difference: not done). */
-        const int lines = XR == PXR && ss == PIECE ? (e - c) / 32 * (PIECE * 2 / 64) : 0;
+        /* A prompt pass, or a decode pass of 5-8 rows, over a packed weight: after the first group every group
+         * multiplies from L1 and the memory would idle. What this thread reads next (the next chunk of this
+         * block, or its next block: static schedule) is the memory right after this chunk; it is fetched into L2
+         * a few lines per group. Kernel alone over Qwen2.5-0.5B's weights and head, interleaved: 64-row prompt
+         * pass -9%, 26 rows -16%, 8 rows 62 -> 50 ms; with 2 groups (3-4 rows) the best runs got slower
+         * (27 -> 36 ms), with 1 group too, and for weights read in place (8 row pieces) it made no difference. */
+        const int lines = (XR == PXR || groups > 2) && ss == PIECE ? (e - c) / 32 * (PIECE * 2 / 64) : 0;
         const int per = (lines + groups - 1) / groups;
         const char *next = (const char *)(wb + (long)(e / 32) * ss);
         for (int g = 0; g < groups; g++) {
