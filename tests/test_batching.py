@@ -284,7 +284,7 @@ def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     from launch.batching import engine as engine_module
 
     seen = []
-    build = engine_module.DynamicCache.from_legacy_cache
+    build = engine_module.GrowingCache.from_legacy_cache
 
     def watched(layers):
         seen.append(engine.load())  # what a worker_get_status at this moment would report
@@ -294,7 +294,7 @@ def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     deadline = time.monotonic() + 60
     while not first_chunks and time.monotonic() < deadline:  # decoding: the others join a running batch
         time.sleep(0.01)
-    monkeypatch.setattr(engine_module.DynamicCache, "from_legacy_cache", watched)
+    monkeypatch.setattr(engine_module.GrowingCache, "from_legacy_cache", watched)
     late = [_submit(engine, p, 8) for p in PROMPTS[1:]]
     for _, done, _ in late:
         assert done.wait(120)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from launch.batching.attention import PROMPT_QUERIES_MAX
 from launch.batching.cores import CoreLease
+from launch.batching.kv_cache import GrowingCache
 from launch.batching.params import GenParams, choose_token, greedy_tokens
 from launch.batching.prefill import prefill
 from launch.batching.text import IncrementalText, StopText
@@ -94,7 +94,7 @@ class BatchEngine(EngineThread):
         # Taken off `incoming` by the loop but not yet admitted (the batch is full).
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: GrowingCache | None = None
         self.steps = 0
         self._ready_mask = takes_ready_mask(model)
         # Held while admitted requests move from `waiting` to `rows`, so that load(), read by the HTTP
@@ -296,11 +296,11 @@ class BatchEngine(EngineThread):
         ids = {id(r) for r in group}
         self.waiting[:] = [r for r in self.waiting if id(r) not in ids]
 
-    def _merged_cache(self, new: tuple) -> DynamicCache:
+    def _merged_cache(self, new: tuple) -> GrowingCache:
         """The running batch's cache with new rows (their legacy-format cache `new`) appended, the
         narrower side left-padded. Builds a new cache; the running one is left as it is."""
         if self.cache is None:
-            return DynamicCache.from_legacy_cache(new)
+            return GrowingCache.from_legacy_cache(new)
         old = self.cache.to_legacy_cache()
         width = max(old[0][0].shape[-2], new[0][0].shape[-2])
         layers = []
@@ -309,7 +309,7 @@ class BatchEngine(EngineThread):
                 torch.cat([_left_pad(ko, width), _left_pad(kn, width)], dim=0),
                 torch.cat([_left_pad(vo, width), _left_pad(vn, width)], dim=0),
             ))
-        return DynamicCache.from_legacy_cache(tuple(layers))
+        return GrowingCache.from_legacy_cache(tuple(layers))
 
     def _select(self, keep: list[int]) -> None:
         if not keep:
@@ -321,7 +321,7 @@ class BatchEngine(EngineThread):
         trim = width - max(r.length for r in self.rows)
         idx = torch.tensor(keep, dtype=torch.long)
         layers = tuple((k[idx, :, trim:, :], v[idx, :, trim:, :]) for k, v in self.cache.to_legacy_cache())
-        self.cache = DynamicCache.from_legacy_cache(layers)
+        self.cache = GrowingCache.from_legacy_cache(layers)
 
 
 def takes_ready_mask(model) -> bool:
