@@ -35,9 +35,11 @@ void NAME(const ELEM *q, const long *q_strides, const ELEM *k, const long *k_str
                 top = r;
         }
         float total = 0.0f;
-        for (int t = 0; t < n; t++) {
-            s[t] = top == -INFINITY ? 0.0f : expf(s[t] - top);  /* a fully masked row gives zeros, not NaN */
-            total += s[t];
+        if (top == -INFINITY) {  /* a fully masked row gives zeros, not NaN */
+            for (int t = 0; t < n; t++)
+                s[t] = 0.0f;
+        } else {
+            total = exp_scores(s, n, top);
         }
         const float norm = total > 0.0f ? 1.0f / total : 0.0f;
         float acc[D];
