@@ -194,9 +194,15 @@ class SharedInputLinear(nn.Module):
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def _parents(model: nn.Module) -> list[nn.Module]:
+    """The modules that may hold linears, not the linears themselves: a list that held them would keep every
+    replaced weight alive until prepacking ends."""
+    return [m for m in model.modules() if type(m) is not nn.Linear]
+
+
 def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype, backend: LinearBackend) -> int:
     n = 0
-    for parent in list(model.modules()):
+    for parent in _parents(model):
         for names in SHARED_INPUT_GROUPS:
             linears = [getattr(parent, name, None) for name in names]
             if not all(type(lin) is nn.Linear and lin.weight.dtype == dtype for lin in linears):
@@ -204,8 +210,8 @@ def _fuse_shared_inputs(model: nn.Module, dtype: torch.dtype, backend: LinearBac
             if len({lin.in_features for lin in linears}) != 1:
                 continue
             group = _SharedInput(linears, backend)
-            for i, (name, lin) in enumerate(zip(names, linears, strict=True)):
-                setattr(parent, name, SharedInputLinear(group, i, lin))
+            for i, name in enumerate(names):  # no loop variable left holding the last old linear
+                setattr(parent, name, SharedInputLinear(group, i, linears[i]))
             n += len(names)
     return n
 
@@ -243,7 +249,7 @@ def prepack_linears(model: nn.Module) -> int:
 
         attention.install(native_kernel()[0])  # attention too: batched == alone, and faster bf16 decode
     n = _fuse_shared_inputs(model, dtype, backend)
-    for parent in list(model.modules()):
+    for parent in _parents(model):
         for name, child in list(parent.named_children()):
             # Exact type: subclasses (quantized, LoRA...) compute something else.
             if type(child) is nn.Linear and child.weight.dtype == dtype:
