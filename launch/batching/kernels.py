@@ -6,8 +6,10 @@ continuous batch of 4 gained little. Two backends fix that, chosen per dtype by 
 
 - The project's kernel (linear.c, built by native.py) for fp32 and bf16: on AVX2, bf16 widened to fp32;
   on AVX512_BF16 units where the CPU has them (linear_avx512bf16.c). It computes each output the same
-  way whatever the number of rows (oneDNN's bf16 matmul does not, see choose_backend), and reads the
-  module's own weight, so nothing is copied and a tied output projection stays tied. Qwen2.5-0.5B fp32
+  way whatever the number of rows (oneDNN's bf16 matmul does not, see choose_backend). linear.c reads the
+  module's own weight, so nothing is copied and a tied output projection stays tied; linear_avx512bf16.c
+  reads weights up to native.PACK_MAX_IN wide from a packed copy (the plain one goes, except a tied
+  output projection's, which the embedding keeps). Qwen2.5-0.5B fp32
   decode step, 2 threads, AVX2: 219 ms with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 ->
   210 ms). Attention goes to attention.c as well (attention.py).
 - oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the

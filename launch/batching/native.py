@@ -88,7 +88,7 @@ class NativeKernel:
         """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = avx512bf16_operand(w). 2D x."""
         rows, n_in = x.shape
         n_out = operand.shape[0]
-        packed = n_in <= PACK_MAX_IN
+        packed = _packs(n_in)
         if not self.bf16_units:
             raise RuntimeError("linear_avx512bf16.c needs a CPU with AVX512_BF16")
         if operand.dtype != torch.bfloat16 or not operand.is_contiguous() or operand.dim() != 2 \
@@ -143,6 +143,12 @@ PACK_ROWS = 8  # linear_avx512bf16.c's WR
 PACK_MAX_IN = 2048
 
 
+def _packs(n_in: int) -> bool:
+    """Whether linear_avx512bf16.c reads a weight this wide packed (else in place): avx512bf16_operand and the
+    call must agree."""
+    return n_in <= PACK_MAX_IN
+
+
 def _padded(n_in: int) -> int:
     return (n_in + 31) // 32 * 32
 
@@ -150,7 +156,7 @@ def _padded(n_in: int) -> int:
 def avx512bf16_operand(weight: torch.Tensor) -> torch.Tensor:
     """What linear_avx512bf16.c reads for a bf16 [n_out, n_in] weight: packed (a new tensor) up to PACK_MAX_IN
     columns, else the weight itself (contiguous)."""
-    return pack_avx512bf16(weight) if weight.shape[1] <= PACK_MAX_IN else weight.contiguous()
+    return pack_avx512bf16(weight) if _packs(weight.shape[1]) else weight.contiguous()
 
 
 def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
