@@ -88,7 +88,7 @@ def test_bf16_goes_to_the_projects_kernel_on_its_bf16_units_where_there_are_some
         assert n == 1 and type(model[0]) is KernelLinear
         units = native.has_bf16_units()
         assert ("AVX512_BF16" if units else "AVX2") in model[0].backend.name
-        assert model[0].backend.copies == units  # AVX512_BF16: narrow weights packed (native.PACK_MAX_IN)
+        assert model[0].backend.copies == units  # AVX512_BF16: weights packed (native.pack_avx512bf16)
     elif can_prepack(torch.bfloat16) is None:
         assert n == 1 and model[0].backend is ONEDNN
     else:

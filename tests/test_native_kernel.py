@@ -58,8 +58,8 @@ def test_kernel_matches_torch_linear(dtype, units, n_out, n_in, rows, bias):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype,units", PATHS)
-@pytest.mark.parametrize("n_in", [200, 1003, 2100])  # 1003: several column chunks of block8xn and a tail;
-# 2100: three column chunks of a prompt pass (KCHUNK 1024) and a tail
+@pytest.mark.parametrize("n_in", [200, 1003, 2100])  # odd widths: a zero-paired last column (AVX512_BF16) or
+# a tail; 2100: chunks of a prompt pass (linear_avx512bf16.c's KCHUNK, 256 column pairs)
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, units, n_in):
     """The batching worker's batched == single rests on this: bitwise, for every batch size."""
     torch.manual_seed(0)
@@ -71,32 +71,28 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, units, n_in)
         assert torch.equal(kernel(x[:rows], w, None), alone[:rows])
 
 
-def _lanes_summed_as_documented(lanes: np.ndarray) -> np.ndarray:
-    """linear_avx512bf16.c's reduction of 16 fp32 lanes [..., 16], in fp32: lane i + lane i+8, then + 4, +2, +1."""
-    s = lanes[..., :8] + lanes[..., 8:]
-    t = s[..., :4] + s[..., 4:]
-    u = t[..., :2] + t[..., 2:]
-    return u[..., 0] + u[..., 1]
-
-
 @needs_kernel
 @pytest.mark.skipif(not native.has_bf16_units(), reason="the CPU has no AVX512_BF16")
-def test_every_output_sums_its_lanes_by_the_one_documented_tree():
-    """Weight rows in a block of 8 are reduced 8 at a time with shuffles, a row past the last block alone: both
-    must be the one tree, or a row's result would depend on where it sits. 32 columns, only the even ones
-    non-zero, inputs +-1: each lane then holds one product exactly and only the tree decides the rounding.
-    Two lanes of each weight row hold 2^20, which cancel for half of the inputs: the rounding of the sums
-    around them then shows in the small result, so another tree gives other bits (checked: a left-to-right sum
-    or another pairing at any stage fails)."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(9, 32, generator=gen).to(torch.bfloat16)
+@pytest.mark.parametrize("rows", [1, 4, 8, 70])  # one group of rows, two groups, a prompt pass in chunks
+def test_every_output_sums_its_column_pairs_left_to_right(rows):
+    """linear_avx512bf16.c's one order for every output, whatever the rows beside it: an fp32 sum from 0 that
+    takes the column pairs left to right, then one rounding. Only one column of each pair is non-zero here, so
+    each step adds one exact product; weights of +-2^24 at random pairs absorb the small products before them
+    and cancel, so another order (a tree, lanes summed apart, chunks summed apart) gives other bits (checked:
+    the previous kernel's 16-lane tree fails this). 600 pairs: more than a prompt pass's chunk of 256."""
+    gen = torch.Generator().manual_seed(rows)
+    n_out, n_in = 70, 1200
+    w = torch.randint(1, 8, (n_out, n_in), generator=gen).to(torch.bfloat16)
     w[:, 1::2] = 0
-    for r in range(9):
-        a, b = torch.randperm(16, generator=gen)[:2].tolist()
-        w[r, 2 * a] = w[r, 2 * b] = 2.0 ** 20
-    x = torch.randint(0, 2, (64, 32), generator=gen).to(torch.bfloat16) * 2 - 1
-    lanes = (x[:, None, 0::2].float() * w[None, :, 0::2].float()).numpy()  # [rows, 9, 16], exact
-    want = torch.from_numpy(_lanes_summed_as_documented(lanes)).to(torch.bfloat16)
+    for r in range(n_out):
+        big = torch.randperm(n_in // 2, generator=gen)[:6] * 2
+        w[r, big[:3]], w[r, big[3:]] = 2.0 ** 24, -(2.0 ** 24)
+    x = torch.randint(0, 2, (rows, n_in), generator=gen).to(torch.bfloat16) * 2 - 1
+    products = (x[:, None, 0::2].float() * w[None, :, 0::2].float()).numpy()  # [rows, n_out, pairs], exact
+    acc = np.zeros(products.shape[:2], dtype=np.float32)
+    for p in range(products.shape[2]):
+        acc = acc + products[:, :, p]  # float32: rounded at every step, as VDPBF16PS's sum
+    want = torch.from_numpy(acc).to(torch.bfloat16)
     assert torch.equal(kernel_for(True)(x, w, None), want)
 
 
@@ -105,36 +101,34 @@ def test_every_output_sums_its_lanes_by_the_one_documented_tree():
 @pytest.mark.parametrize("n_in", [32, 200, 1003])
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_a_weight_row_gives_bitwise_the_same_in_a_block_or_alone(dtype, units, n_in, rows):
-    """The kernels compute weight rows in blocks (8 at a time) and the rows past the last whole block one by
-    one; both must sum in the same order (linear_avx512bf16.c: one reduction tree, vectorised for blocks).
-    Row 8 here is a copy of row 3, bias too: their outputs must be equal bits."""
+    """The kernels compute weight rows in blocks (linear.c: 8 at a time, the rows past the last block one by
+    one; linear_avx512bf16.c: tiles of 64, the last tile partial, read with masks); a row must give the same
+    bits wherever it sits. Row 69 here (in the partial tile) is a copy of row 3, bias too."""
     torch.manual_seed(n_in + rows)
-    w, bias = torch.randn(9, n_in).to(dtype), torch.randn(9).to(dtype)
-    w[8], bias[8] = w[3], bias[3]
+    w, bias = torch.randn(70, n_in).to(dtype), torch.randn(70).to(dtype)
+    w[69], bias[69] = w[3], bias[3]
     x = torch.randn(rows, n_in).to(dtype)
     y = kernel_for(units)(x, w, bias)
-    assert torch.equal(y[:, 8], y[:, 3])
+    assert torch.equal(y[:, 69], y[:, 3])
 
 
 @needs_kernel
 @pytest.mark.skipif(not native.has_bf16_units(), reason="the CPU has no AVX512_BF16")
-@pytest.mark.parametrize("n_out,n_in", [(37, 200), (8, 1003), (21, native.PACK_MAX_IN)])
+@pytest.mark.parametrize("n_out,n_in", [(37, 201), (70, 1003), (130, 64)])
 @pytest.mark.parametrize("rows", [1, 3, 17])
-def test_a_packed_weight_gives_bitwise_what_the_weight_in_place_gives(n_out, n_in, rows):
-    """linear_avx512bf16.c reads narrow weights packed (native.PACK_MAX_IN) and wide ones in place: the layout
-    changes where the weights are read from, not one operation."""
-    import ctypes
-
-    torch.manual_seed(n_in + rows)
+def test_a_partial_tile_and_an_odd_width_give_what_zero_padding_gives(n_out, n_in, rows):
+    """pack_avx512bf16 pads nothing past n_out (the last tile is read with masks) and pairs an odd last column
+    with a zero: bitwise what the same weight zero-padded to whole tiles and an even width gives."""
+    torch.manual_seed(n_out + n_in + rows)
     kernel = kernel_for(True)
     w, x, bias = torch.randn(n_out, n_in).to(torch.bfloat16), torch.randn(rows, n_in).to(torch.bfloat16), \
         torch.randn(n_out).to(torch.bfloat16)
     packed = native.avx512bf16_operand(w)
-    assert packed.shape == (n_out, (n_in + 31) // 32 * 32) and not torch.equal(packed[:, :n_in], w)
-    in_place = torch.empty(rows, n_out, dtype=torch.bfloat16)
-    kernel._linear_dp(w.data_ptr(), x.data_ptr(), bias.data_ptr(), in_place.data_ptr(), rows, n_out, n_in, 0,
-                      ctypes.c_int(2))
-    assert torch.equal(kernel.linear_avx512(x, packed, bias), in_place)
+    assert packed.shape == (n_out, n_in + n_in % 2)
+    out_pad, in_pad = -n_out % native.PACK_ROWS, n_in % 2
+    w_pad = torch.nn.functional.pad(w, (0, in_pad, 0, out_pad))
+    x_pad, bias_pad = torch.nn.functional.pad(x, (0, in_pad)), torch.nn.functional.pad(bias, (0, out_pad))
+    assert torch.equal(kernel(x, w, bias), kernel(x_pad, w_pad, bias_pad)[:, :n_out])
 
 
 @needs_kernel

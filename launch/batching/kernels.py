@@ -8,8 +8,8 @@ continuous batch of 4 gained little. Two backends fix that, chosen per dtype by 
   on AVX512_BF16 units where the CPU has them (linear_avx512bf16.c). It computes each output the same
   way whatever the number of rows (oneDNN's bf16 matmul does not, see choose_backend). linear.c reads the
   module's own weight, so nothing is copied and a tied output projection stays tied; linear_avx512bf16.c
-  reads weights up to native.PACK_MAX_IN wide from a packed copy (the plain one goes, except a tied
-  output projection's, which the embedding keeps). Qwen2.5-0.5B fp32
+  reads every weight from a packed copy in tiles of 64 rows (native.pack_avx512bf16; the plain one goes,
+  except a tied output projection's, which the embedding keeps). Qwen2.5-0.5B fp32
   decode step, 2 threads, AVX2: 219 ms with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 ->
   210 ms). Attention goes to attention.c as well (attention.py).
 - oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
@@ -67,8 +67,8 @@ def _kernel_backend(kernel, dtype: torch.dtype) -> LinearBackend:
             y = kernel.linear_avx512(x.reshape(-1, x.shape[-1]), operand, bias)
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
-        # Weights up to 2048 wide are packed into a new tensor (native.PACK_MAX_IN says why): a tied output
-        # projection that narrow gets a copy of its own, as on oneDNN.
+        # Every weight is packed into a new tensor (native.pack_avx512bf16): a tied output projection gets a
+        # copy of its own, as on oneDNN.
         return LinearBackend("the AVX512_BF16 kernel (linear_avx512bf16.c)", avx512bf16_operand, run_avx512,
                              copies=True)
 

@@ -4,239 +4,167 @@
  *
  * Why: linear.c widens every bf16 weight to fp32 and multiplies it with AVX2 FMAs, 8 products per
  * instruction. VDPBF16PS multiplies 32 bf16 pairs and adds them into 16 fp32 sums in one instruction, with no
- * widening: prompts and batched decode steps, which are compute-bound, get up to 4x the arithmetic. oneDNN
- * uses the same instruction, but its result for a row depends on how many rows are multiplied with it
- * (kernels.choose_backend); here, as in linear.c, every output element is computed by the same instructions
- * in the same order whatever the number of rows: 16 lanes that each sum their pairs of columns 32 at a
- * time, left to right, the last partial 32 columns zero-filled, then one fixed reduction of the lanes, then
- * the bias, then one rounding to bf16 (to nearest even, as torch).
+ * widening: prompts and batched decode steps, which are compute-bound, get up to 4x the arithmetic.
  *
- * Weights up to native.PACK_MAX_IN wide are packed once (native.pack_avx512bf16): rows in blocks of 8, and
- * within a block the 8 rows' 32-column pieces side by side (512 bytes per 32 columns), so that a thread reads
- * its blocks as one sequential stream. Read in place, 8 rows of an 896-wide weight are 8 streams of 1.8 KB,
- * too short for the hardware prefetcher (native.py has the figures). Rows past the last multiple of 8 stay
- * whole, after the blocks; every packed row is zero-padded to a multiple of 32 columns. Wider weights are read
- * in place. Both layouts give bitwise the same results: only where a weight is read from changes.
+ * How ("outer product", as oneDNN's bf16 GEMM): a register holds one column pair (2 columns) of 16 weight
+ * rows; it is multiplied with the same column pair of each input row, broadcast, into that input row's 16
+ * sums: every lane is one output. So each weight byte, once loaded, serves up to 6 input rows from a register
+ * (4 vectors x 6 rows = 24 accumulators), and a decode step of up to 6 rows reads its weights once, in one
+ * pass that the memory streams at full speed: 4 rows cost what 1 row costs. The kernel before this one summed
+ * 16 lanes per output and reduced them; its weights went through registers once per 2 or 3 input rows, and a
+ * 4-row step took 1.3x a 1-row step (README, "On a CPU with AVX512_BF16").
  *
- * w: packed [n_out, n_in rounded up to 32] or plain [n_out, n_in], x: [rows, n_in], bias: [n_out] or NULL,
- * y: [rows, n_out], all bf16, row-major.
+ * Bitwise the same whatever the rows: every output is one fp32 sum that starts at 0 and takes the column
+ * pairs left to right, one VDPBF16PS per pair (an odd last column pairs with a zero), then + bias, then one
+ * rounding to bf16 (to nearest even, as torch). No row count, group or chunk changes that order: chunks only
+ * park the sums in memory (fp32, exact) between the pairs.
+ *
+ * w: packed by native.pack_avx512bf16, n_out x (2 x pairs) elements: tiles of 64 weight rows, each tile
+ * [pairs][64][2] (a column pair of its rows side by side), the last tile [pairs][r][2] for its r = n_out % 64
+ * rows (read with masks, so that nothing is padded past n_out); pairs = n_in / 2 rounded up (a zero column
+ * past an odd n_in). A thread reads each of its tiles as one sequential stream.
+ * x: [rows, n_in], bias: [n_out] or NULL, y: [rows, n_out], all bf16, row-major.
  */
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+#include <string.h>
+
 #include "bf16_simd.h"
 
 typedef __m512 V;
 
-#define WR 8      /* weight rows per packed block (native.PACK_ROWS) */
-#define PIECE 256 /* bf16 elements of one 32-column step of a block: 8 rows x 32 */
+#define NV 4                /* 16-row vectors per tile */
+#define TILE (NV * 16)      /* weight rows per tile (native.PACK_ROWS) */
+#define STEP (NV * 32)      /* bf16 elements of one column pair of a tile */
+#define GR 6                /* input rows per group: 6 x NV = 24 accumulators + 4 weights + 1 broadcast */
+#define XTILE 64            /* input rows per pass over the weight (the sums' scratch holds that many) */
+/* Column pairs per chunk when several groups share a tile: 256 pairs of a tile are 64 KB, read from memory by
+ * the first group and from L2 by the others. A single group takes the whole row in one chunk. */
+#define KCHUNK 256
 
-/* Input rows per pass over the weight, as linear.c's XTILE: 64 rows of a 4096-wide bf16 input are 512 KB. */
-#define XTILE 64
-/* A pass of this many rows or more is a prompt's (decode passes have at most max_batch = 8 rows). */
-#define PROMPT_ROWS 9
-/* Input rows per group: the accumulators of 8 weight rows times DXR (decode) or PXR (prompt) rows are registers
- * (16 or 24 of the 32). */
-#define DXR 2
-#define PXR 3
-/* Columns per chunk of a pass with more than one group: the block's chunk (8 x 1 KB, or 8 x 2 KB) is read
- * from memory by the first group and from L1 by the others. Multiples of 32. */
-#define DCHUNK 512
-#define PCHUNK 1024
-
-/* The sums of 8 accumulators (16 lanes each), as 8 lanes in order. Every output of the kernel is summed by this
- * one tree: lane i + lane i+8, then + the one 4 further, then +2, then +1 (the tree of GCC's
- * _mm512_reduce_add_ps, written out here so that no compiler's choice decides an output's bits). 8 at a time
- * with shuffles: ~25 instructions where 8 separate reductions and roundings took ~100 (a 64-row prompt pass
- * over Qwen2.5-0.5B's weights got no measurably faster from it alone: the multiplications dominate). */
-static inline __m256 reduce8(const V *a) {
-    V h[4], q[2];
-    for (int j = 0; j < 4; j++)  /* [a.lo256 + a.hi256 | b.lo256 + b.hi256] for the pair a, b */
-        h[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
-                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xee));
-    for (int j = 0; j < 2; j++)  /* each row's 8 sums -> 4: s[i] + s[i + 4], one 128-bit lane per row */
-        q[j] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * j], h[2 * j + 1], 0x88),
-                             _mm512_shuffle_f32x4(h[2 * j], h[2 * j + 1], 0xdd));
-    /* lane r of q[0] is row r, of q[1] row r + 4: [t0 t1 t2 t3] -> [t0+t2 t1+t3] for both rows */
-    const V u = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], 0x44), _mm512_shuffle_ps(q[0], q[1], 0xee));
-    /* lane r: [u0 u1 u0' u1'] -> [u0+u1 u0'+u1' ..]: row r's sum at element 4r, row r+4's at 4r+1 */
-    const V r = _mm512_add_ps(_mm512_shuffle_ps(u, u, 0x88), _mm512_shuffle_ps(u, u, 0xdd));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r));
+/* Input row m's column pair p as a 32-bit broadcast; the caller passes `last` for an odd n_in's last pair,
+ * whose second column lies past the row (it pairs with 0, as the zero weight column packed there). */
+static inline __m512bh xpair(const uint16_t *xr, int p, int last) {
+    uint32_t v;
+    if (last)
+        v = xr[2 * p];
+    else
+        memcpy(&v, xr + 2 * p, 4);
+    return (__m512bh)_mm512_set1_epi32((int)v);
 }
 
-/* 8 sums (+ bias[o0..o0+7]) rounded to bf16 as float_to_bf16 does (to nearest even, NaN -> 0x7fc0), stored at y. */
-static inline void store8(__m256 r, const uint16_t *bias, int o0, uint16_t *y) {
-    if (bias)
-        r = _mm256_add_ps(r, load8_bf16(bias + o0));
-    const __m256i u = _mm256_castps_si256(r);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i h = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7fc0), nan);
-    _mm_storeu_si128((__m128i *)y, _mm256_cvtepi32_epi16(h));
-}
-
-/* One output: a lone accumulator through the same tree (the other 7 zero: +0 changes no sum). */
-static inline uint16_t finish1(V acc, const uint16_t *bias, int o) {
-    V a[WR] = {acc};
-    for (int k = 1; k < WR; k++)
-        a[k] = _mm512_setzero_ps();
-    const float r = _mm256_cvtss_f32(reduce8(a));
-    return float_to_bf16(bias ? r + bf16_to_float(bias[o]) : r);
-}
-
-/* One block of 8 weight rows times 1, 2 or 3 input rows over columns [c, e) (full 32-column steps),
- * plus the last, partial step at column e when tail != 0 (x and w zero-filled past n_in). Row k's 32 columns
- * at step i are at wb + (i / 32) * ss + k * rs: ss = PIECE, rs = 32 in a packed block; ss = 32, rs = the row
- * length for a weight read in place. Accumulators in acc ([rows][8]) between calls, in named registers while
- * in here: GCC kept an array of them in memory, with a load and a store around every VDPBF16PS, and prompt
- * passes ran at half speed. xr0-xr2: the input rows (a repeated row's sums are dropped by the caller). Every
- * accumulator takes the same steps in the same order in all three. */
-#define K8(F, m) F(m, 0) F(m, 1) F(m, 2) F(m, 3) F(m, 4) F(m, 5) F(m, 6) F(m, 7)
-#define ACC_IN(m, k) V a##m##k = acc[(m) * 8 + (k)];
-#define ACC_OUT(m, k) acc[(m) * 8 + (k)] = a##m##k;
-#define WLOAD(k) const __m512bh w##k = (__m512bh)_mm512_loadu_si512(ws + (k) * rs);
-#define WTAIL(k) const __m512bh w##k = (__m512bh)_mm512_maskz_loadu_epi16(tail, ws + (k) * rs);
-#define DP(m, k) a##m##k = _mm512_dpbf16_ps(a##m##k, w##k, x##m);
-#define XLOAD(m) const __m512bh x##m = (__m512bh)_mm512_loadu_si512(xr##m + i);
-#define XTAIL(m) const __m512bh x##m = (__m512bh)_mm512_maskz_loadu_epi16(tail, xr##m + i);
-/* Weight row k of the step (loaded by W), multiplied with the 1, 2 or 3 input rows right away: in this order
- * 24 accumulators + 3 inputs + 1 weight fit the 32 registers. Loading the 8 weight rows first (35 live
- * values) made GCC spill 4 accumulators to the stack, a load and a store around their VDPBF16PS every step. */
-#define ROW1(W, k) W(k) DP(0, k)
-#define ROW2(W, k) W(k) DP(0, k) DP(1, k)
-#define ROW3(W, k) W(k) DP(0, k) DP(1, k) DP(2, k)
-/* The full steps, then the tail step: XLOADS / XTAILS load the step's input rows, ROWS multiplies. */
-#define STEPS(XLOADS, XTAILS, ROWS)                                 \
-    const uint16_t *ws = wb + (long)(c / 32) * ss;                  \
-    for (int i = c; i < e; i += 32, ws += ss) {                     \
-        XLOADS K8(ROWS, WLOAD)                                      \
-    }                                                               \
-    if (tail) {                                                     \
-        const int i = e;                                            \
-        XTAILS K8(ROWS, WTAIL)                                      \
+/* The tile's 4 weight vectors of column pair p (`step` elements apart from pair to pair): plain loads in a
+ * whole tile, masked ones in the last, partial tile (`part`, a constant where inlined; k: each vector's mask). */
+#define WLOADS                                                                                          \
+    const __m512bh w0 = (__m512bh)(part ? _mm512_maskz_loadu_epi16(k[0], ws) : _mm512_loadu_si512(ws)),      \
+                   w1 = (__m512bh)(part ? _mm512_maskz_loadu_epi16(k[1], ws + 32) : _mm512_loadu_si512(ws + 32)), \
+                   w2 = (__m512bh)(part ? _mm512_maskz_loadu_epi16(k[2], ws + 64) : _mm512_loadu_si512(ws + 64)), \
+                   w3 = (__m512bh)(part ? _mm512_maskz_loadu_epi16(k[3], ws + 96) : _mm512_loadu_si512(ws + 96));
+/* Every input row m of the group times the 4 vectors of pair p (`last`: an odd n_in's last pair). */
+#define DPS(last)                                                \
+    for (int m = 0; m < M; m++) {                                \
+        const __m512bh xb = xpair(x + m * ldx, p, last);         \
+        a[m][0] = _mm512_dpbf16_ps(a[m][0], w0, xb);             \
+        a[m][1] = _mm512_dpbf16_ps(a[m][1], w1, xb);             \
+        a[m][2] = _mm512_dpbf16_ps(a[m][2], w2, xb);             \
+        a[m][3] = _mm512_dpbf16_ps(a[m][3], w3, xb);             \
     }
 
-/* Inlined where rs and ss are constants (a packed weight): the 8 rows' loads then take fixed offsets. */
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE void block8x1(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
-                     V *acc) {
-    K8(ACC_IN, 0)
-    STEPS(XLOAD(0), XTAIL(0), ROW1)
-    K8(ACC_OUT, 0)
+/* Sums of `M` input rows (1..GR, a constant where inlined) times one tile over pairs [p0, p1): s[m * TILE + j]
+ * holds row m's sum for the tile's output j between chunks. `odd`: pair p1 - 1 is an odd n_in's last. */
+static inline __attribute__((always_inline)) void group(const uint16_t *wt, long step, const __mmask32 *k,
+                                                        const int part, const uint16_t *x, long ldx, const int M,
+                                                        int p0, int p1, int odd, float *s) {
+    V a[GR][NV];
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < NV; v++)
+            a[m][v] = _mm512_loadu_ps(s + m * TILE + v * 16);
+    const int full = odd ? p1 - 1 : p1;
+    const uint16_t *ws = wt + p0 * step;
+    int p = p0;
+    for (; p < full; p++, ws += step) {
+        WLOADS
+        DPS(0)
+    }
+    if (odd) {
+        WLOADS
+        DPS(1)
+    }
+    for (int m = 0; m < M; m++)
+        for (int v = 0; v < NV; v++)
+            _mm512_storeu_ps(s + m * TILE + v * 16, a[m][v]);
 }
 
-INLINE void block8x2(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
-                     const uint16_t *xr1, V *acc) {
-    K8(ACC_IN, 0) K8(ACC_IN, 1)
-    STEPS(XLOAD(0) XLOAD(1), XTAIL(0) XTAIL(1), ROW2)
-    K8(ACC_OUT, 0) K8(ACC_OUT, 1)
-}
+#define GROUP_CASES(part)                                                     \
+    switch (m) {                                                              \
+    case 1: group(wt, step, k, part, x, ldx, 1, p0, p1, odd, s); break;       \
+    case 2: group(wt, step, k, part, x, ldx, 2, p0, p1, odd, s); break;       \
+    case 3: group(wt, step, k, part, x, ldx, 3, p0, p1, odd, s); break;       \
+    case 4: group(wt, step, k, part, x, ldx, 4, p0, p1, odd, s); break;       \
+    case 5: group(wt, step, k, part, x, ldx, 5, p0, p1, odd, s); break;       \
+    default: group(wt, step, k, part, x, ldx, GR, p0, p1, odd, s); break;     \
+    }
 
-INLINE void block8x3(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *xr0,
-                     const uint16_t *xr1, const uint16_t *xr2, V *acc) {
-    K8(ACC_IN, 0) K8(ACC_IN, 1) K8(ACC_IN, 2)
-    STEPS(XLOAD(0) XLOAD(1) XLOAD(2), XTAIL(0) XTAIL(1) XTAIL(2), ROW3)
-    K8(ACC_OUT, 0) K8(ACC_OUT, 1) K8(ACC_OUT, 2)
-}
-
-/* A lone weight row (past the last whole block) times one input row: the same steps. */
-static V row1x1(const uint16_t *w, int n32, __mmask32 tail, const uint16_t *x) {
-    V a = _mm512_setzero_ps();
-    for (int i = 0; i < n32; i += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-    if (tail)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + n32),
-                             (__m512bh)_mm512_maskz_loadu_epi16(tail, x + n32));
-    return a;
-}
-
-/* XR (1-3) input rows, xs apart, nx of them real, over one block. */
-INLINE void group(const uint16_t *wb, long rs, long ss, int c, int e, __mmask32 tail, const uint16_t *x,
-                  long xs, int nx, int XR, V *acc) {
-    const uint16_t *x1 = nx > 1 ? x + xs : x, *x2 = nx > 2 ? x + 2 * xs : x;
-    if (XR == 1)
-        block8x1(wb, rs, ss, c, e, tail, x, acc);
-    else if (XR == 2)
-        block8x2(wb, rs, ss, c, e, tail, x, x1, acc);
-    else
-        block8x3(wb, rs, ss, c, e, tail, x, x1, x2, acc);
-}
-
-/* All tile input rows over one block of 8 weight rows (wb; rs, ss as in block8x1), in groups of XR rows, the
- * columns in chunks of `chunk`. */
-INLINE void rows_block(const uint16_t *wb, long rs, long ss, int n32, __mmask32 tail, const uint16_t *xt, int n_in,
-                       int tile, int chunk, const uint16_t *bias, int o0, uint16_t *yt, long ldy, const int XR) {
-    V acc[(XTILE + XR - 1) / XR][XR * WR];
-    const int groups = (tile + XR - 1) / XR;
-    for (int g = 0; g < groups; g++)
-        for (int k = 0; k < XR * WR; k++)
-            acc[g][k] = _mm512_setzero_ps();
-    int c = 0;
-    do {  /* at least once: a width under 32 is all tail */
-        const int e = groups > 1 && c + chunk < n32 ? c + chunk : n32;
-        const __mmask32 t = e == n32 ? tail : 0;
-        /* A prompt pass, or a decode pass of 5-8 rows, over a packed weight: after the first group every group
-         * multiplies from L1 and the memory would idle. What this thread reads next (the next chunk of this
-         * block, or its next block: static schedule) is the memory right after this chunk; it is fetched into L2
-         * a few lines per group. Kernel alone over Qwen2.5-0.5B's weights and head, interleaved: 64-row prompt
-         * pass -9%, 26 rows -16%, 8 rows 62 -> 50 ms; with 2 groups (3-4 rows) the best runs got slower
-         * (27 -> 36 ms), with 1 group too, and for weights read in place (8 row pieces) it made no difference. */
-        const int lines = (XR == PXR || groups > 2) && ss == PIECE ? (e - c) / 32 * (PIECE * 2 / 64) : 0;
-        const int per = (lines + groups - 1) / groups;
-        const char *next = (const char *)(wb + (long)(e / 32) * ss);
-        for (int g = 0; g < groups; g++) {
-            const int nx = tile - XR * g < XR ? tile - XR * g : XR;
-            for (int l = g * per; l < (g + 1) * per && l < lines; l++)
-                _mm_prefetch(next + 64L * l, _MM_HINT_T1);
-            group(wb, rs, ss, c, e, t, xt + (long)XR * g * n_in, n_in, nx, XR, acc[g]);
+/* One group of m rows, dispatched to a copy compiled for that constant (the accumulators then stay registers). */
+static void group_rows(const uint16_t *wt, int rows_in_tile, const uint16_t *x, long ldx, int m, int p0, int p1,
+                       int odd, float *s) {
+    const long step = 2L * rows_in_tile;
+    if (rows_in_tile == TILE) {
+        const __mmask32 *k = 0;
+        GROUP_CASES(0)
+    } else {
+        __mmask32 k[NV];
+        for (int v = 0; v < NV; v++) {
+            const int left = 2 * rows_in_tile - 32 * v;  /* this vector's real elements */
+            k[v] = left >= 32 ? 0xffffffffu : left > 0 ? (__mmask32)((1u << left) - 1u) : 0;
         }
-        c = e;
-    } while (c < n32);
-    for (int g = 0; g < groups; g++)
-        for (int m = 0; m < XR && XR * g + m < tile; m++)
-            store8(reduce8(acc[g] + m * WR), bias, o0, yt + (long)(XR * g + m) * ldy + o0);
+        GROUP_CASES(1)
+    }
 }
 
-/* One block of 8 weight rows times the tile's input rows: 1 row (a single decode), up to 8 (batched decode steps)
- * or a prompt's, each with its chunk and group size. */
-INLINE void block(const uint16_t *wb, long rs, long ss, int n32, __mmask32 tail, const uint16_t *xt, int n_in,
-                  int tile, const uint16_t *bias, int o0, uint16_t *yt, long ldy) {
-    if (tile == 1)
-        rows_block(wb, rs, ss, n32, tail, xt, n_in, 1, n32, bias, o0, yt, ldy, 1);
-    else if (tile < PROMPT_ROWS)
-        rows_block(wb, rs, ss, n32, tail, xt, n_in, tile, DCHUNK, bias, o0, yt, ldy, DXR);
-    else
-        rows_block(wb, rs, ss, n32, tail, xt, n_in, tile, PCHUNK, bias, o0, yt, ldy, PXR);
+/* 16 sums (+ bias[o0..o0+15]) rounded to bf16 as float_to_bf16 does (to nearest even, NaN -> 0x7fc0); the
+ * first n stored at y. */
+static inline void store16(V r, const uint16_t *bias, int o0, int n, uint16_t *y) {
+    const __mmask16 k = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+    if (bias)
+        r = _mm512_add_ps(r, _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, bias + o0)), 16)));
+    const __m512i u = _mm512_castps_si512(r);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    h = _mm512_mask_mov_epi32(h, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(y, k, _mm512_cvtepi32_epi16(h));
 }
 
-/* w: packed (pack_avx512bf16) when `packed`, else the plain [n_out, n_in] weight. */
 void linear_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
-                        int n_out, int n_in, int packed, int threads) {
-    const int n32 = n_in & ~31;
-    const __mmask32 tail = n_in == n32 ? 0 : (__mmask32)((1u << (n_in - n32)) - 1u);
-    const long ld = packed ? (n_in + 31) & ~31 : n_in;  /* one weight row's length in memory */
-    const int blocks = n_out / WR;
+                        int n_out, int n_in, int threads) {
+    const int pairs = (n_in + 1) / 2, tiles = (n_out + TILE - 1) / TILE;
     for (int m0 = 0; m0 < rows; m0 += XTILE) {
-        const int tile = rows - m0 < XTILE ? rows - m0 : XTILE;
+        const int tile_rows = rows - m0 < XTILE ? rows - m0 : XTILE;
+        /* Groups of at most GR rows, as even as they can be (8 rows: 4 + 4, not 6 + 2). */
+        const int groups = (tile_rows + GR - 1) / GR, per = (tile_rows + groups - 1) / groups;
+        const int chunk = groups > 1 ? KCHUNK : pairs;
         const uint16_t *xt = x + (long)m0 * n_in;
         uint16_t *yt = y + (long)m0 * n_out;
         #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int b = 0; b < blocks + 1; b++) {
-            if (b == blocks) {  /* the last n_out % 8 weight rows, whole rows after the blocks */
-                for (int o = WR * blocks; o < n_out; o++)
-                    for (int m = 0; m < tile; m++) {
-                        const V acc = row1x1(w + (long)o * ld, n32, tail, xt + (long)m * n_in);
-                        yt[(long)m * n_out + o] = finish1(acc, bias, o);
-                    }
-                continue;
+        for (int t = 0; t < tiles; t++) {
+            float s[XTILE * TILE] __attribute__((aligned(64)));
+            memset(s, 0, sizeof(float) * tile_rows * TILE);
+            const uint16_t *wt = w + (long)t * TILE * 2 * pairs;
+            const int n = n_out - t * TILE < TILE ? n_out - t * TILE : TILE;  /* this tile's weight rows */
+            for (int p0 = 0; p0 < pairs; p0 += chunk) {
+                const int p1 = p0 + chunk < pairs ? p0 + chunk : pairs;
+                const int odd = p1 == pairs && (n_in & 1);
+                for (int g = 0; g < tile_rows; g += per) {
+                    const int m = tile_rows - g < per ? tile_rows - g : per;
+                    group_rows(wt, n, xt + (long)g * n_in, n_in, m, p0, p1, odd, s + g * TILE);
+                }
             }
-            const uint16_t *wb = w + (long)b * WR * ld;
-            if (packed)
-                block(wb, 32, PIECE, n32, tail, xt, n_in, tile, bias, b * WR, yt, n_out);
-            else
-                block(wb, ld, 32, n32, tail, xt, n_in, tile, bias, b * WR, yt, n_out);
+            for (int m = 0; m < tile_rows; m++)
+                for (int v = 0; v * 16 < n; v++)
+                    store16(_mm512_load_ps(s + m * TILE + v * 16), bias, t * TILE + v * 16,
+                            n - v * 16, yt + (long)m * n_out + t * TILE + v * 16);
         }
     }
 }

@@ -57,7 +57,7 @@ class NativeKernel:
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
         self._linear_dp = lib.linear_bf16_avx512  # no scratch: it reads the bf16 inputs as they are
         self._linear_dp.restype = None
-        self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        self._linear_dp.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         lib.linear_xtile.restype = ctypes.c_int
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
         self._attn = {torch.bfloat16: lib.attention_bf16, torch.float32: lib.attention_f32}
@@ -88,16 +88,15 @@ class NativeKernel:
         """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = avx512bf16_operand(w). 2D x."""
         rows, n_in = x.shape
         n_out = operand.shape[0]
-        packed = _packs(n_in)
         if not self.bf16_units:
             raise RuntimeError("linear_avx512bf16.c needs a CPU with AVX512_BF16")
         if operand.dtype != torch.bfloat16 or not operand.is_contiguous() or operand.dim() != 2 \
-                or operand.shape[1] != (_padded(n_in) if packed else n_in):
+                or operand.shape[1] != _pairs(n_in) * 2:
             raise ValueError(f"expected avx512bf16_operand() of a [{n_out}, {n_in}] bf16 weight, got "
                              f"{operand.dtype} {tuple(operand.shape)}")
         xw, bias, y = _in_weight_dtype(x, bias, torch.bfloat16, n_out)
         self._linear_dp(operand.data_ptr(), xw.data_ptr(), _ptr(bias), y.data_ptr(), rows, n_out, n_in,
-                        int(packed), torch.get_num_threads())
+                        torch.get_num_threads())
         return y.to(x.dtype)
 
     def read_probe(self, a: torch.Tensor) -> float:
@@ -134,42 +133,34 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
-PACK_ROWS = 8  # linear_avx512bf16.c's WR
-# Weights this wide or narrower are packed for linear_avx512bf16.c; wider ones are read in place. The kernel
-# alone on the AVX512_BF16 machine, bf16, both layouts side by side in each of 3 runs, 1 / 4 / 8 rows: over all
-# of Qwen2.5-0.5B's weights (896 and 4864 wide) 40-50 / 49-60 / 60-69 ms in place, 27-40 / 38-44 / 59-69
-# packed; over two Qwen-7B-shaped layers (4096 and 11008 wide) 30-31 / 32-36 / 36-40 in place, 27-30 / 39-41
-# / 50-53 packed. 8 rows of 1.8 KB are streams too short for the hardware prefetcher; of 8 KB, they are not.
-PACK_MAX_IN = 2048
+PACK_ROWS = 64  # linear_avx512bf16.c's TILE
 
 
-def _packs(n_in: int) -> bool:
-    """Whether linear_avx512bf16.c reads a weight this wide packed (else in place): avx512bf16_operand and the
-    call must agree."""
-    return n_in <= PACK_MAX_IN
-
-
-def _padded(n_in: int) -> int:
-    return (n_in + 31) // 32 * 32
+def _pairs(n_in: int) -> int:
+    return (n_in + 1) // 2
 
 
 def avx512bf16_operand(weight: torch.Tensor) -> torch.Tensor:
-    """What linear_avx512bf16.c reads for a bf16 [n_out, n_in] weight: packed (a new tensor) up to PACK_MAX_IN
-    columns, else the weight itself (contiguous)."""
-    return pack_avx512bf16(weight) if _packs(weight.shape[1]) else weight.contiguous()
+    """What linear_avx512bf16.c reads for a bf16 [n_out, n_in] weight: pack_avx512bf16's copy."""
+    return pack_avx512bf16(weight)
 
 
 def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 [n_out, n_in] weight in linear_avx512bf16.c's packed layout, [n_out, n_in rounded up to 32]: rows
-    in blocks of 8, within a block the rows' 32-column pieces side by side, so a block is one sequential read;
-    the last n_out % 8 rows whole after the blocks; zeros past n_in. A new tensor."""
+    """A bf16 [n_out, n_in] weight in linear_avx512bf16.c's layout, [n_out, n_in rounded up to even]: rows in
+    tiles of 64 (the last one holds the n_out % 64 left), within a tile column pair by column pair, the pair's
+    64 rows side by side ([pairs][rows][2]), so a tile is one sequential read; a zero column past an odd n_in.
+    A new tensor."""
     n_out, n_in = weight.shape
-    kp = _padded(n_in)
-    padded = torch.zeros(n_out, kp, dtype=torch.bfloat16)
-    padded[:, :n_in] = weight
+    pairs = _pairs(n_in)
+    # One copy of the weight at a time beside it (a 7B model's 1.2 GB output projection is packed at load).
+    padded = torch.nn.functional.pad(weight, (0, 1)) if n_in % 2 else weight
     whole = n_out // PACK_ROWS * PACK_ROWS
-    blocks = padded[:whole].view(-1, PACK_ROWS, kp // 32, 32).permute(0, 2, 1, 3).reshape(whole, kp)
-    return torch.cat([blocks, padded[whole:]]) if whole < n_out else blocks.contiguous()
+    if whole == n_out:
+        return padded.reshape(-1, PACK_ROWS, pairs, 2).transpose(1, 2).reshape(n_out, 2 * pairs)
+    out = torch.empty(n_out, 2 * pairs, dtype=torch.bfloat16)
+    out[:whole].view(-1, pairs, PACK_ROWS, 2).copy_(padded[:whole].reshape(-1, PACK_ROWS, pairs, 2).transpose(1, 2))
+    out[whole:].view(pairs, n_out - whole, 2).copy_(padded[whole:].reshape(n_out - whole, pairs, 2).transpose(0, 1))
+    return out
 
 
 def _longs(values) -> ctypes.Array:
