@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -64,22 +65,28 @@ def param_bytes(model) -> tuple[int, int, bool]:
 
 
 @torch.inference_mode()
-def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, warm: bool = True) -> tuple[Stat, Stat]:
-    """(decode tokens/s, time to first token) of `generate`, greedy, batch = input_ids rows.
+def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, warm: bool = True,
+               cache: Callable[[], object] | None = None) -> tuple[Stat, Stat]:
+    """(decode tokens/s, time to first token) of `generate`, greedy, batch = input_ids rows; `cache` makes
+    each generate's KV cache (default: transformers' DynamicCache).
 
     TTFT is a 1-token generate; decode speed is (N-1) tokens over the difference between an
     N-token and a 1-token generate, so the prefill is not counted as decoding.
     """
     kw = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(input_ids)}
+
+    def generate(n: int, **more) -> None:
+        model.generate(input_ids, max_new_tokens=n, **kw, **more, **({"past_key_values": cache()} if cache else {}))
+
     if warm:
-        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        generate(2, min_new_tokens=2)
     ttfts, rates = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        model.generate(input_ids, max_new_tokens=1, **kw)
+        generate(1)
         t1 = time.perf_counter() - t
         t = time.perf_counter()
-        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        generate(new_tokens, min_new_tokens=new_tokens)
         tn = time.perf_counter() - t
         ttfts.append(t1)
         rates.append(input_ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9))

@@ -110,10 +110,22 @@ def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, mo
     monkeypatch.setattr(bench_raw, "build_shape_model", tiny)
     monkeypatch.setattr(bench_raw, "bandwidth_samples",
                         lambda n, mb=512, repeats=5: [next(speeds) * 1e9 for _ in range(repeats)])
+    # Decoded with the worker's KV cache, a new one for every generate (2 to warm up, 2 per repeat, 3 at batch 4).
+    from launch.batching import kv_cache
+
+    made = []
+
+    class Counted(kv_cache.GrowingCache):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(kv_cache, "GrowingCache", Counted)
     out_path = tmp_path / "shape.json"
     args = bench.parse_args(["--shape", "qwen-7b", "--tokens", "3", "--repeats", "2", "--json", str(out_path),
                              "--no-plot"])
     assert bench.run_shape(args) == 0
+    assert len(made) == 9 and len({id(c) for c in made}) == 9 and made[-1].get_seq_length() > 0
     out = json.loads(out_path.read_text())
     per_token = out["bytes_read_per_token"]
     assert len(out["roofline_fraction_per_repeat"]) == 2
