@@ -34,7 +34,6 @@ typedef __m512 V;
 
 #define NV 4                /* 16-row vectors per tile */
 #define TILE (NV * 16)      /* weight rows per tile (native.PACK_ROWS) */
-#define STEP (NV * 32)      /* bf16 elements of one column pair of a tile */
 #define GR 6                /* input rows per group: 6 x NV = 24 accumulators + 4 weights + 1 broadcast */
 #define XTILE 64            /* input rows per pass over the weight (the sums' scratch holds that many) */
 /* Column pairs per chunk when several groups share a tile: 256 pairs of a tile are 64 KB, read from memory by
