@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launch.batching.cores import lease_from_env
 from launch.batching.engine import Chunk
-from launch.batching.hugepages import collapse_model
+from launch.batching.hugepages import collapse_model, release_checkpoint_files
 from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
@@ -79,6 +79,7 @@ def _base_worker_class():
                     huge, why = collapse_model(model)
                     print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"
                           f"{f' ({why})' if why else ''}", flush=True)
+                release_checkpoint_files(model)
                 return model, tokenizer
 
             # Not on the main thread: its OpenMP pool would outlive the loading (launch/batching/thread.py).

@@ -116,3 +116,31 @@ def test_after_gathering_a_small_odd_tensor_sits_on_huge_pages():
     if done == 0:
         pytest.skip(f"this kernel does not collapse pages: {why}")
     assert huge_bytes(t) >= t.numel() * 4
+
+
+def test_a_loaded_model_lets_go_of_its_checkpoint_file(tmp_path):
+    """transformers maps a safetensors checkpoint and its tensors live in that mapping; the small ones gather
+    leaves (norms, biases) kept the whole file mapped and in RSS. After release_checkpoint_files no tensor is
+    in the file, the file is no longer mapped, and the values and the tied weights are as they were."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from launch.batching.hugepages import file_mappings, release_checkpoint_files
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    checkpoint = str(tmp_path / "model.safetensors")
+
+    def in_file() -> list[str]:
+        ranges = [(lo, hi) for lo, hi, path in file_mappings() if path == checkpoint]
+        return [n for n, t in model.named_parameters() if any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+
+    if not in_file():
+        pytest.skip("this transformers copies checkpoints into memory: nothing to let go of")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    assert release_checkpoint_files(model) > 0
+    assert in_file() == [] and checkpoint not in {path for _, _, path in file_mappings()}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

@@ -134,6 +134,39 @@ def _thp_never() -> bool:
         return False
 
 
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's file-backed memory mappings (/proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out.append((lo, hi, fields[5].rstrip("\n")))
+    return out
+
+
+def release_checkpoint_files(model: torch.nn.Module) -> int:
+    """Copy every parameter and buffer that still lives in a memory-mapped file (the checkpoint, as
+    transformers loads safetensors) into ordinary memory, so that the file's mapping goes; returns how many.
+
+    Why: gather moves only tensors of GATHER_MIN bytes or more, and the kernels' packed copies replace the
+    linears, but norms and biases stayed in the file: their few KB kept the whole mapping, and every page of
+    the file that loading had read stayed in the worker's RSS (Qwen2.5-0.5B: 2.61 GB RSS, 1.07 GB of it
+    the 0.99 GB file; after this 1.6 GB). Clean file pages can be reclaimed, but they were counted twice
+    next to the weights in memory. In place (`t.data = copy`): tied weights stay tied."""
+    maps = [(lo, hi) for lo, hi, _ in file_mappings()]
+    moved = 0
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu" and t.layout == torch.strided and not t.is_mkldnn and t.numel() \
+                    and any(lo <= t.data_ptr() < hi for lo, hi in maps):
+                t.data = t.data.clone()
+                moved += 1
+    gc.collect()  # the file's storage goes with its last tensor, and the mapping with it
+    return moved
+
+
 def collapse_model(model: torch.nn.Module) -> tuple[int, str]:
     tensors = [*model.parameters(), *model.buffers()]
     gather(tensors)
