@@ -170,16 +170,15 @@ def run_shape(args: argparse.Namespace) -> int:
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
     ids = torch.randint(0, 1000, (1, 64))
-    # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
-    # ~300 ms step here at 80 tokens (launch/batching/kv_cache.py).
-    cache = GrowingCache
     # This VM's bandwidth drifts by tens of percent within minutes, so every decode repeat is paired
     # with probes right before and after it, and the fraction is the median of the pairs.
-    raw_decode(model, ids, 2, 1, warm=False, cache=cache)  # warm-up
+    # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
+    # ~300 ms step here at 80 tokens (launch/batching/kv_cache.py).
+    raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
     rates, ttfts, bws, fractions = [], [], [], []
     for _ in range(repeats):
         around = bandwidth_samples(n, repeats=3)
-        rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=cache)
+        rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=GrowingCache)
         around += bandwidth_samples(n, repeats=3)
         here = statistics.median(around)
         rates.append(rate.median)
@@ -188,7 +187,7 @@ def run_shape(args: argparse.Namespace) -> int:
         fractions.append(rate.median / roofline_tokens_per_s(here, per_token))
     rate, ttft, bw, fraction = Stat.of(rates), Stat.of(ttfts), Stat.of(bws), Stat.of(fractions)
     roof = roofline_tokens_per_s(bw.median, per_token)
-    rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=cache)
+    rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
     out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
            "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,

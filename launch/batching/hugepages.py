@@ -90,7 +90,7 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
         return 0
     owners: dict[int, tuple[torch.Tensor, int]] = {}  # storage address -> (tensor, its bytes)
     for t in tensors:
-        if t.layout != torch.strided or t.is_mkldnn or t.device.type != "cpu" or not t.is_contiguous():
+        if not _plain_cpu(t) or not t.is_contiguous():
             continue
         storage = t.untyped_storage()
         n = t.numel() * t.element_size()
@@ -126,6 +126,11 @@ def gather(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A CPU tensor whose data is a plain memory range (not an opaque oneDNN layout)."""
+    return t.layout == torch.strided and not t.is_mkldnn and t.device.type == "cpu"
+
+
 def _thp_never() -> bool:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
@@ -159,8 +164,7 @@ def release_checkpoint_files(model: torch.nn.Module) -> int:
     moved = 0
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and t.layout == torch.strided and not t.is_mkldnn and t.numel() \
-                    and any(lo <= t.data_ptr() < hi for lo, hi in maps):
+            if _plain_cpu(t) and t.numel() and any(lo <= t.data_ptr() < hi for lo, hi in maps):
                 t.data = t.data.clone()
                 moved += 1
     gc.collect()  # the file's storage goes with its last tensor, and the mapping with it
