@@ -123,7 +123,7 @@ def test_a_partial_tile_and_an_odd_width_give_what_zero_padding_gives(n_out, n_i
     kernel = kernel_for(True)
     w, x, bias = torch.randn(n_out, n_in).to(torch.bfloat16), torch.randn(rows, n_in).to(torch.bfloat16), \
         torch.randn(n_out).to(torch.bfloat16)
-    packed = native.avx512bf16_operand(w)
+    packed = native.pack_avx512bf16(w)
     assert packed.shape == (n_out, n_in + n_in % 2)
     out_pad, in_pad = -n_out % native.PACK_ROWS, n_in % 2
     w_pad = torch.nn.functional.pad(w, (0, in_pad, 0, out_pad))

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from launch.batching.hugepages import give_back_freed_memory
-from launch.batching.native import avx512bf16_operand, native_kernel
+from launch.batching.native import native_kernel, pack_avx512bf16
 
 log = logging.getLogger("batching")
 
@@ -69,7 +69,7 @@ def _kernel_backend(kernel, dtype: torch.dtype) -> LinearBackend:
 
         # Every weight is packed into a new tensor (native.pack_avx512bf16): a tied output projection gets a
         # copy of its own, as on oneDNN.
-        return LinearBackend("the AVX512_BF16 kernel (linear_avx512bf16.c)", avx512bf16_operand, run_avx512,
+        return LinearBackend("the AVX512_BF16 kernel (linear_avx512bf16.c)", pack_avx512bf16, run_avx512,
                              copies=True)
 
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -70,7 +70,7 @@ class NativeKernel:
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.dtype == torch.bfloat16 and self.bf16_units and weight.dim() == 2:
-            return self.linear_avx512(x, avx512bf16_operand(weight), bias)  # packs on every call: tests, one-offs
+            return self.linear_avx512(x, pack_avx512bf16(weight), bias)  # packs on every call: tests, one-offs
         rows, n_in = x.shape
         n_out = weight.shape[0]
         fn = self._linear.get(weight.dtype)
@@ -85,14 +85,14 @@ class NativeKernel:
         return y.to(x.dtype)
 
     def linear_avx512(self, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = avx512bf16_operand(w). 2D x."""
+        """x @ w.T (+ bias) in bf16 on linear_avx512bf16.c, for `operand` = pack_avx512bf16(w). 2D x."""
         rows, n_in = x.shape
         n_out = operand.shape[0]
         if not self.bf16_units:
             raise RuntimeError("linear_avx512bf16.c needs a CPU with AVX512_BF16")
         if operand.dtype != torch.bfloat16 or not operand.is_contiguous() or operand.dim() != 2 \
                 or operand.shape[1] != _pairs(n_in) * 2:
-            raise ValueError(f"expected avx512bf16_operand() of a [{n_out}, {n_in}] bf16 weight, got "
+            raise ValueError(f"expected pack_avx512bf16() of a [{n_out}, {n_in}] bf16 weight, got "
                              f"{operand.dtype} {tuple(operand.shape)}")
         xw, bias, y = _in_weight_dtype(x, bias, torch.bfloat16, n_out)
         self._linear_dp(operand.data_ptr(), xw.data_ptr(), _ptr(bias), y.data_ptr(), rows, n_out, n_in,
@@ -140,11 +140,6 @@ def _pairs(n_in: int) -> int:
     return (n_in + 1) // 2
 
 
-def avx512bf16_operand(weight: torch.Tensor) -> torch.Tensor:
-    """What linear_avx512bf16.c reads for a bf16 [n_out, n_in] weight: pack_avx512bf16's copy."""
-    return pack_avx512bf16(weight)
-
-
 def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
     """A bf16 [n_out, n_in] weight in linear_avx512bf16.c's layout, [n_out, n_in rounded up to even]: rows in
     tiles of 64 (the last one holds the n_out % 64 left), within a tile column pair by column pair, the pair's
@@ -155,8 +150,6 @@ def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
     # One copy of the weight at a time beside it (a 7B model's 1.2 GB output projection is packed at load).
     padded = torch.nn.functional.pad(weight, (0, 1)) if n_in % 2 else weight
     whole = n_out // PACK_ROWS * PACK_ROWS
-    if whole == n_out:
-        return padded.reshape(-1, PACK_ROWS, pairs, 2).transpose(1, 2).reshape(n_out, 2 * pairs)
     out = torch.empty(n_out, 2 * pairs, dtype=torch.bfloat16)
     out[:whole].view(-1, pairs, PACK_ROWS, 2).copy_(padded[:whole].reshape(-1, PACK_ROWS, pairs, 2).transpose(1, 2))
     out[whole:].view(pairs, n_out - whole, 2).copy_(padded[whole:].reshape(n_out - whole, pairs, 2).transpose(0, 1))
