@@ -22,29 +22,6 @@
 #include <omp.h>
 #include "bf16_simd.h"
 
-/* e^x for 8 floats x <= 0 (softmax after subtracting the maximum): Cephes' expf (x = n ln2 + r, a degree-5
- * polynomial for e^r, 2^n from the exponent bits), within a few ulp of expf. Below -87, e^x is under FLT_MIN
- * and comes out exactly 0: a masked key (-inf) must add an exact zero. Why: one expf call per score; 8 at a
- * time, a decode call of 4 rows x 14 heads over 1500 keys took 0.52 -> 0.43 ms, a 512-token causal prompt
- * 11.3 -> 9.3 ms a layer (the dot products are the rest). Every score goes through this same function, the
- * last partial 8 too (exp_scores), so a key's weight does not depend on where it falls in the row. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  /* also turns -inf into a number */
-    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
-}
-
 /* s[t] = e^(s[t] - top) for t < n, every one through exp8 (the last partial 8 padded with -inf); returns their
  * sum, added left to right. */
 static inline float exp_scores(float *s, int n, float top) {

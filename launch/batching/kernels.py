@@ -246,10 +246,6 @@ def prepack_linears(model: nn.Module) -> int:
     if backend is None:
         log.info("linears stay on %s", linear_backend(dtype))
         return 0
-    if backend is not ONEDNN:  # on the project's kernels
-        from launch.batching import attention
-
-        attention.install(native_kernel()[0])  # attention too: batched == alone, and faster bf16 decode
     n = _fuse_shared_inputs(model, dtype, backend)
     for parent in _parents(model):
         for name, child in list(parent.named_children()):
@@ -257,5 +253,11 @@ def prepack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == dtype:
                 setattr(parent, name, KernelLinear(child, backend))
                 n += 1
+    if backend is not ONEDNN:  # on the project's kernels: attention, norms, rotary and SiLU too
+        from launch.batching import attention, fused_ops
+
+        kernel = native_kernel()[0]
+        attention.install(kernel)  # batched == alone, and faster bf16 decode
+        log.info("%d norms and MLPs on fused_ops.c", fused_ops.install(model, kernel))
     give_back_freed_memory()
     return n

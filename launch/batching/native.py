@@ -1,6 +1,7 @@
 """Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears on
 AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it),
-attention.c (attention for bf16 and fp32: decode steps and prompts), read_probe.c (the bench's bandwidth probe).
+attention.c (attention for bf16 and fp32: decode steps and prompts), fused_ops.c (RMSNorm, rotary embedding,
+SiLU-and-multiply), read_probe.c (the bench's bandwidth probe).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -25,8 +26,9 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 from launch.hardware import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "read_probe.c"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16_simd.h", "linear_blocks.h", "attention_body.h"))
+                for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c", "read_probe.c"))
+HEADERS = tuple(Path(__file__).with_name(name)
+                for name in ("bf16_simd.h", "linear_blocks.h", "attention_body.h", "fused_ops_body.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -64,6 +66,17 @@ class NativeKernel:
         for fn in self._attn.values():
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        self._fused = {}
+        for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
+            norm, rotary, silu_mul = (getattr(lib, f"{op}_{suffix}") for op in ("rms_norm", "rotary", "silu_mul"))
+            norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_float]
+            rotary.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4
+            silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                                 ctypes.c_int, ctypes.c_int]
+            for fn in (norm, rotary, silu_mul):
+                fn.restype = None
+            self._fused[dtype] = (norm, rotary, silu_mul)
         self._probe = lib.read_probe
         self._probe.restype = ctypes.c_float
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -119,6 +132,30 @@ class NativeKernel:
         self._attn[q.dtype](q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
                             _ptr(mask), m_st,
                             out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
+        return out
+
+
+    # fused_ops.c. The callers (fused_ops.py) check dtypes, shapes, strides and widths (multiples of 8).
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [rows, n] (rows x.stride(0) apart, n contiguous), weight [n] -> [rows, n] contiguous."""
+        rows, n = x.shape
+        y = torch.empty(rows, n, dtype=x.dtype)
+        self._fused[x.dtype][0](x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), rows, n, eps)
+        return y
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, H, S, D], cos and sin [B, S, D] with the same strides, all with D contiguous -> [B, H, S, D]."""
+        B, H, S, D = x.shape
+        out = torch.empty(B, H, S, D, dtype=x.dtype)
+        self._fused[x.dtype][1](x.data_ptr(), _longs(x.stride()), cos.data_ptr(), sin.data_ptr(),
+                                _longs(cos.stride()), out.data_ptr(), B, H, S, D)
+        return out
+
+    def silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """g, u [rows, n] (rows at their own stride(0), n contiguous) -> silu(g) * u, [rows, n] contiguous."""
+        rows, n = g.shape
+        out = torch.empty(rows, n, dtype=g.dtype)
+        self._fused[g.dtype][2](g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), rows, n)
         return out
 
 
