@@ -135,6 +135,9 @@ def test_prepacked_models_norms_mlps_and_rotary_run_on_the_fused_ops_with_the_sa
     monkeypatch.setattr(fused_ops, "install", lambda model, kernel: 0)
     prepack_linears(unfused)  # the same linears and attention, stock norms, MLPs and rotary
     monkeypatch.undo()
+    # The post-attention norm and the MLP's activation are the decoder layer block's where the CPU has AVX512_BF16
+    # (tested below): here each op on its own.
+    monkeypatch.setattr(fused_ops.FusedDecoderLayer, "fit", staticmethod(lambda layer, kernel: False))
     calls = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
     with torch.inference_mode():
         fused_ops.uninstall_rotary()
@@ -193,3 +196,55 @@ def test_install_leaves_subclasses_and_other_activations_alone():
     assert modeling_qwen2.apply_rotary_pos_emb is not fused_ops._STOCK_ROTARY[modeling_qwen2]
     fused_ops.uninstall_rotary()
     assert modeling_qwen2.apply_rotary_pos_emb is fused_ops._STOCK_ROTARY[modeling_qwen2]
+
+
+needs_bf16_units = pytest.mark.skipif(KERNEL is None or not KERNEL.bf16_units, reason="the CPU has no AVX512_BF16")
+
+
+def _tiny_with_biases(model_class, config_class):
+    """bf16, two layers; Llama with attention and MLP biases, so that every bias pointer of the block is used."""
+    torch.manual_seed(6)
+    extra = {"attention_bias": True, "mlp_bias": True} if model_class is modeling_llama.LlamaForCausalLM else {}
+    config = config_class(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=300, **extra)
+    model = model_class(config)
+    for linear in model.modules():
+        if isinstance(linear, torch.nn.Linear) and linear.bias is not None:
+            torch.nn.init.normal_(linear.bias, std=0.5)  # transformers initialises biases to zero
+    return model.to(torch.bfloat16).eval()
+
+
+@needs_bf16_units
+@pytest.mark.parametrize("model_class,config_class", MODELS)
+def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_op(model_class, config_class,
+                                                                                   monkeypatch):
+    model, op_by_op = _tiny_with_biases(model_class, config_class), _tiny_with_biases(model_class, config_class)
+    monkeypatch.setattr(fused_ops.FusedDecoderLayer, "fit", staticmethod(lambda layer, kernel: False))
+    prepack_linears(op_by_op)  # the same kernels, one call per projection, norm and activation
+    monkeypatch.undo()
+    prepack_linears(model)
+    layer = model.model.layers[0]
+    assert all(isinstance(each, fused_ops.FusedDecoderLayer) for each in model.model.layers)
+    assert isinstance(layer.self_attn.o_proj, fused_ops.DeferredProjection)
+    assert type(op_by_op.model.layers[0]) is not fused_ops.FusedDecoderLayer
+    ids = torch.tensor([[5, 17, 42, 7, 99], [0, 0, 250, 8, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # a left-padded row: the worker's batched prompts
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           op_by_op(input_ids=ids, attention_mask=mask).logits)
+        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(model.generate(ids, **kw), op_by_op.generate(ids, **kw))
+    x = torch.randn(2, 3, 128).to(torch.bfloat16).requires_grad_()
+    position = model.model.rotary_emb(x, torch.arange(3).repeat(2, 1))
+    with torch.inference_mode():
+        block = layer(x.detach(), position_embeddings=position, attention_mask=None)
+    with torch.enable_grad():  # autograd would record: the op-by-op path, the same numbers
+        stock = layer(x, position_embeddings=position, attention_mask=None)
+    assert torch.equal(block, stock.detach())
+
+
+def test_layers_whose_parts_are_not_all_on_the_avx512_kernel_stay_as_they_are():
+    model = _tiny(modeling_qwen2.Qwen2ForCausalLM, modeling_qwen2.Qwen2Config, torch.float32)
+    prepack_linears(model)  # fp32: linear.c, not linear_avx512bf16.c
+    assert type(model.model.layers[0]) is modeling_qwen2.Qwen2DecoderLayer
+    assert type(model.model.layers[0].self_attn.o_proj) is not fused_ops.DeferredProjection

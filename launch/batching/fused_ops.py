@@ -1,5 +1,6 @@
 """RMSNorm, rotary embedding and SiLU-and-multiply of transformers' Llama and Qwen2 models in one C call each
-(fused_ops.c), for bf16 and fp32.
+(fused_ops.c), for bf16 and fp32; and where the CPU has AVX512_BF16, everything of a decoder layer after its
+attention (o_proj, both residual adds, the post-attention norm, the MLP) in one call (FusedDecoderLayer).
 
 Why: a decode step is one pass over the weights on the project's linear kernel plus a fixed cost per torch op,
 and transformers computes these three in ~900 of the ~1800 ops of a 7B-shaped bf16 step (torch profiler: 65
@@ -7,7 +8,12 @@ RMSNorms of 8 ops, 32 rotary embeddings of 16, 32 SiLU-and-multiplies of 2). The
 weights take a few ms to read, spend half their step in such ops. Measured (steps interleaved in one process,
 medians of 45, 2 threads, AMD EPYC with AVX512_BF16): SmolLM2-135M bf16 decode step 18.7 -> 17.4 ms at one row,
 20.3 -> 18.0 ms at four; Qwen2.5-0.5B 41.0 -> 38.1 and 43.3 -> 42.6 ms. A 7B-shaped step (~460 ms) did not
-move beyond its noise: what it loses between linears is mostly cache-cold Python (README, "Between the linears").
+move beyond its noise with these alone: what it loses between two linears is mostly Python and torch's
+dispatcher running with caches the weights' stream has just emptied, 150-500 us per gap, four gaps a layer
+(README, "Between the linears"). FusedDecoderLayer takes three of the four away: 7B-shaped steps alternating
+with and without it, 448 -> 430 ms (slow memory phase), 281 -> 271 ms (fast), paired median ratio 0.962; with
+the fused ops, SmolLM2-135M 18.5 -> 14.8 ms (one row), 19.9 -> 16.0 (four), Qwen2.5-0.5B 42.2 -> 38.1 and
+43.8 -> 40.1 ms.
 
 Installed by prepack_linears where linears run on the project's kernels, on the classes below only: their
 forward is known (a subclass or another model's norm may compute something else, e.g. ChatGLM3 multiplies by
@@ -24,6 +30,9 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
+
+from launch.batching.kernels import KernelLinear, SharedInputLinear
+from launch.batching.native import pack_avx512bf16
 
 # Norms computing weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) from `weight` and `variance_epsilon`.
 RMS_NORMS = (modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm)
@@ -114,9 +123,77 @@ def uninstall_rotary() -> None:
         module.apply_rotary_pos_emb = stock
 
 
+# Decoder layers computing h = x + self_attn(input_layernorm(x)); h + mlp(post_attention_layernorm(h)), whose
+# self_attn ends with o_proj(attention output).
+DECODER_LAYERS = (modeling_llama.LlamaDecoderLayer, modeling_qwen2.Qwen2DecoderLayer)
+
+
+class DeferredProjection(nn.Module):
+    """Stands in for an attention's o_proj whose FusedDecoderLayer applies the projection itself (in its block)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return "applied by the FusedDecoderLayer's block"
+
+
+def _packed(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(packed weight, bias) of a KernelLinear on linear_avx512bf16.c, else None."""
+    if isinstance(linear, KernelLinear) and linear.backend.pack is pack_avx512bf16:
+        return linear.packed, linear.bias
+    return None
+
+
+def _gate_up(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(packed weight, bias) of a FusedGatedMLP's gate/up pair sharing one matmul on linear_avx512bf16.c."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if isinstance(gate, SharedInputLinear) and isinstance(up, SharedInputLinear) and gate.group is up.group \
+            and (gate.index, up.index) == (0, 1) and len(gate.group.sizes) == 2 \
+            and gate.group.backend.pack is pack_avx512bf16:
+        return gate.group.weight, gate.group.bias
+    return None
+
+
+class FusedDecoderLayer(nn.Module):
+    """A DECODER_LAYERS layer whose o_proj, residual adds, post-attention norm and MLP run as one C call
+    (NativeKernel.mlp_block) after the stock attention; `fit` checks the parts at install."""
+
+    def __init__(self, layer: nn.Module, kernel):
+        super().__init__()
+        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.attention_type = getattr(layer, "attention_type", "full_attention")  # the model's mask lookup
+        self.o_proj, self.kernel = layer.self_attn.o_proj, kernel
+        self.self_attn.o_proj = DeferredProjection()
+        self._o, self._gate_up, self._down = _packed(self.o_proj), _gate_up(self.mlp), _packed(self.mlp.down_proj)
+
+    @staticmethod
+    def fit(layer: nn.Module, kernel) -> bool:
+        mlp, norm = layer.mlp, layer.post_attention_layernorm
+        return (kernel.bf16_units and isinstance(mlp, FusedGatedMLP) and isinstance(norm, FusedRMSNorm)
+                and norm.weight.dtype == torch.bfloat16 and norm.weight.shape[0] % 8 == 0
+                and _packed(layer.self_attn.o_proj) is not None and _packed(mlp.down_proj) is not None
+                and _gate_up(mlp) is not None and mlp.gate_proj.out_features % 8 == 0)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden = hidden_states.shape[-1]
+        if hidden_states.numel() and hidden_states.dtype == attn.dtype == torch.bfloat16 \
+                and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            out = self.kernel.mlp_block(hidden_states.reshape(-1, hidden).contiguous(),
+                                        attn.reshape(-1, attn.shape[-1]).contiguous(), self._o,
+                                        self.post_attention_layernorm.weight,
+                                        self.post_attention_layernorm.variance_epsilon, self._gate_up, self._down)
+            return out.view(hidden_states.shape)
+        h = hidden_states + self.o_proj(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 def install(model: nn.Module, kernel) -> int:
     """Put the model's RMS_NORMS and SiLU GATED_MLPS on `kernel`'s fused ops (exact types: subclasses may compute
-    something else), and this process's rotary embeddings (install_rotary); returns how many modules."""
+    something else), then its DECODER_LAYERS whose parts all run on linear_avx512bf16.c on FusedDecoderLayer, and
+    this process's rotary embeddings (install_rotary); returns how many modules."""
     install_rotary(kernel)
     n = 0
     for parent in list(model.modules()):
@@ -126,5 +203,10 @@ def install(model: nn.Module, kernel) -> int:
                 n += 1
             elif type(child) in GATED_MLPS and type(child.act_fn) in (SiLUActivation, nn.SiLU):
                 setattr(parent, name, FusedGatedMLP(child, kernel))
+                n += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in DECODER_LAYERS and FusedDecoderLayer.fit(child, kernel):
+                setattr(parent, name, FusedDecoderLayer(child, kernel))
                 n += 1
     return n

@@ -77,6 +77,9 @@ class NativeKernel:
             for fn in (norm, rotary, silu_mul):
                 fn.restype = None
             self._fused[dtype] = (norm, rotary, silu_mul)
+        self._mlp_block = lib.mlp_block_bf16
+        self._mlp_block.restype = None
+        self._mlp_block.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
         self._probe = lib.read_probe
         self._probe.restype = ctypes.c_float
         self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -156,6 +159,23 @@ class NativeKernel:
         rows, n = g.shape
         out = torch.empty(rows, n, dtype=g.dtype)
         self._fused[g.dtype][2](g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), rows, n)
+        return out
+
+
+    def mlp_block(self, residual: torch.Tensor, attn: torch.Tensor, o_proj: tuple, norm_weight: torch.Tensor,
+                  eps: float, gate_up: tuple, down: tuple) -> torch.Tensor:
+        """residual + o_proj(attn), then + down(silu(gate(n)) * up(n)) of its RMSNorm n, in bf16 on
+        linear_avx512bf16.c (fused_ops.c's mlp_block_bf16). residual [rows, hidden], attn [rows, attn_dim],
+        contiguous bf16; each projection a (pack_avx512bf16 weight, bias or None) pair, gate_up gate's rows then
+        up's. The caller (fused_ops.FusedDecoderLayer) checks."""
+        rows, hidden = residual.shape
+        inter = gate_up[0].shape[0] // 2
+        out = torch.empty(rows, hidden, dtype=torch.bfloat16)
+        scratch = torch.empty(rows * (hidden + 3 * inter), dtype=torch.bfloat16)
+        self._mlp_block(residual.data_ptr(), attn.data_ptr(), o_proj[0].data_ptr(), _ptr(o_proj[1]),
+                        norm_weight.data_ptr(), eps, gate_up[0].data_ptr(), _ptr(gate_up[1]), down[0].data_ptr(),
+                        _ptr(down[1]), out.data_ptr(), scratch.data_ptr(), rows, attn.shape[1], hidden, inter,
+                        torch.get_num_threads())
         return out
 
 
