@@ -258,6 +258,6 @@ def prepack_linears(model: nn.Module) -> int:
 
         kernel = native_kernel()[0]
         attention.install(kernel)  # batched == alone, and faster bf16 decode
-        log.info("%d norms and MLPs on fused_ops.c", fused_ops.install(model, kernel))
+        log.info("%d norms, MLPs and decoder layers on fused_ops.c", fused_ops.install(model, kernel))
     give_back_freed_memory()
     return n

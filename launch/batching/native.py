@@ -137,7 +137,6 @@ class NativeKernel:
                             out.data_ptr(), scores.data_ptr(), B, H, Hkv, Q, T, D, scale, int(causal), threads)
         return out
 
-
     # fused_ops.c. The callers (fused_ops.py) check dtypes, shapes, strides and widths (multiples of 8).
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [rows, n] (rows x.stride(0) apart, n contiguous), weight [n] -> [rows, n] contiguous."""
@@ -161,13 +160,14 @@ class NativeKernel:
         self._fused[g.dtype][2](g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), rows, n)
         return out
 
-
     def mlp_block(self, residual: torch.Tensor, attn: torch.Tensor, o_proj: tuple, norm_weight: torch.Tensor,
                   eps: float, gate_up: tuple, down: tuple) -> torch.Tensor:
         """residual + o_proj(attn), then + down(silu(gate(n)) * up(n)) of its RMSNorm n, in bf16 on
         linear_avx512bf16.c (fused_ops.c's mlp_block_bf16). residual [rows, hidden], attn [rows, attn_dim],
         contiguous bf16; each projection a (pack_avx512bf16 weight, bias or None) pair, gate_up gate's rows then
         up's. The caller (fused_ops.FusedDecoderLayer) checks."""
+        if not self.bf16_units:
+            raise RuntimeError("mlp_block runs on linear_avx512bf16.c, which needs a CPU with AVX512_BF16")
         rows, hidden = residual.shape
         inter = gate_up[0].shape[0] // 2
         out = torch.empty(rows, hidden, dtype=torch.bfloat16)
