@@ -180,8 +180,8 @@ class FusedDecoderLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden = hidden_states.shape[-1]
-        if hidden_states.numel() and hidden_states.dtype == attn.dtype == torch.bfloat16 \
-                and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        if hidden_states.numel() and hidden_states.dtype == torch.bfloat16 \
+                and _plain(hidden_states, attn, self.post_attention_layernorm.weight):
             out = self.kernel.mlp_block(hidden_states.reshape(-1, hidden).contiguous(),
                                         attn.reshape(-1, attn.shape[-1]).contiguous(), self._o,
                                         self.post_attention_layernorm.weight,
