@@ -418,6 +418,41 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
         attention.uninstall()
 
 
+
+def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_them(monkeypatch):
+    """With the kernel installed, a padded (masked) batch of a grouped-query model reaches attention with its 2
+    key/value heads as they are, not repeated to 4 by transformers' repeat_kv (which copies them every layer,
+    every step), with bitwise the logits of the repeated heads; uninstalling restores transformers' choice."""
+    import torch
+    from transformers.integrations import sdpa_attention
+
+    from launch.batching import attention
+    from launch.batching.native import native_kernel
+
+    if native_kernel()[0] is None:
+        pytest.skip(native_kernel()[1])
+    stock = sdpa_attention.use_gqa_in_sdpa
+    ids = torch.tensor([[0, 0, 5, 17, 42], [3, 3, 250, 8, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    repeated = []
+    real_repeat = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda h, n: repeated.append(n) or real_repeat(h, n))
+    try:
+        model = _tiny_qwen2_on_the_kernel(torch.bfloat16)
+        with torch.inference_mode():
+            grouped = model(input_ids=ids, attention_mask=mask).logits
+            assert [n for n in repeated if n > 1] == []
+            sdpa_attention.use_gqa_in_sdpa = stock  # transformers' own choice: repeat the heads
+            copied = model(input_ids=ids, attention_mask=mask).logits
+            assert [n for n in repeated if n > 1]
+        assert torch.equal(grouped, copied)
+        attention.install(native_kernel()[0])
+        assert sdpa_attention.use_gqa_in_sdpa is not stock
+    finally:
+        attention.uninstall()
+    assert sdpa_attention.use_gqa_in_sdpa is stock
+
+
 def test_a_prompt_too_long_for_the_attention_kernel_is_prefilled_alone():
     from launch.batching.attention import PROMPT_QUERIES_MAX
     from launch.batching.engine import BatchEngine, Request

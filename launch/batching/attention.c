@@ -15,7 +15,7 @@
  * q: [B, H, Q, D] at q_strides; k, v: [B, Hkv, T, D] at their strides (D contiguous); the query heads
  * H / Hkv share a key head (grouped-query attention). mask: additive fp32 [B, H, Q, T] at mask strides
  * (0 where broadcast), or NULL. causal: query i sees keys 0..i only (top-left, as SDPA's is_causal).
- * out: [B, H, Q, D], contiguous, in the inputs' type. scores: threads * T floats. Scores, softmax and the
+ * out: [B, H, Q, D], contiguous, in the inputs' type. scores: threads * (T + 8) floats. Scores, softmax and the
  * weighted sum are fp32; a bf16 output is rounded once.
  */
 #include <math.h>
@@ -43,24 +43,35 @@ static inline float exp_scores(float *s, int n, float top) {
     return total;
 }
 
+/* Lane sums of 8 vectors: lane j of the result is a_j's 8 lanes added as ((0+1)+(2+3)) + ((4+5)+(6+7)), the
+ * same order for every j. */
+static inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                             __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    /* u0: a0..a3's lanes 0-3 summed (low half) and lanes 4-7 summed (high half); u1 the same for a4..a7 */
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 #define ELEM uint16_t
 #define TOF bf16_to_float
 #define FROMF float_to_bf16
-#define DOT dot_bf16
 #define LOAD8 load8_bf16
 #define NAME attention_bf16
+#define SUFFIX bf16
 #include "attention_body.h"
 #undef ELEM
 #undef TOF
 #undef FROMF
-#undef DOT
 #undef LOAD8
 #undef NAME
+#undef SUFFIX
 
 #define ELEM float
 #define TOF f32_to_float
 #define FROMF f32_to_float
-#define DOT dot_f32
 #define LOAD8 _mm256_loadu_ps
 #define NAME attention_f32
+#define SUFFIX f32
 #include "attention_body.h"

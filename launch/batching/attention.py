@@ -38,6 +38,7 @@ _original = F.scaled_dot_product_attention
 
 def install(kernel) -> None:
     """Route bf16 and fp32 attention in this process to `kernel.attention`. Idempotent."""
+    _install_gqa_with_masks()
     if getattr(F.scaled_dot_product_attention, "cpu_arena_kernel", None) is kernel:
         return
 
@@ -55,6 +56,39 @@ def install(kernel) -> None:
 
 def uninstall() -> None:
     F.scaled_dot_product_attention = _original
+    _uninstall_gqa_with_masks()
+
+
+def _sdpa_module():
+    from transformers.integrations import sdpa_attention
+
+    return sdpa_attention
+
+
+def _install_gqa_with_masks() -> None:
+    """Let transformers' native models hand grouped key/value heads to SDPA as they are when a mask is given too.
+
+    Why: transformers' `use_gqa_in_sdpa` says no whenever there is a mask (CUDA's fast kernels take none), and
+    `repeat_kv` then copies every layer's keys and values once per query head of the group, at every step: a
+    batch of rows of different lengths (padded, so masked) copied its whole cache three times over on SmolLM2
+    (9 query heads, 3 key heads), and a prompt prefilled after a common beginning is masked too. The kernel reads
+    the grouped heads in place; torch's own SDPA, for the calls the kernel does not take, computes the same with
+    enable_gqa and a mask (its math path repeats them itself). Only CPU tensors change route."""
+    mod = _sdpa_module()
+    stock = mod.use_gqa_in_sdpa
+    if getattr(stock, "cpu_arena_stock", None) is not None:
+        return
+
+    def use_gqa_in_sdpa(attention_mask, key):
+        return stock(attention_mask, key) or (stock(None, key) and key.device.type == "cpu")
+
+    use_gqa_in_sdpa.cpu_arena_stock = stock
+    mod.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
+def _uninstall_gqa_with_masks() -> None:
+    mod = _sdpa_module()
+    mod.use_gqa_in_sdpa = getattr(mod.use_gqa_in_sdpa, "cpu_arena_stock", mod.use_gqa_in_sdpa)
 
 
 def _fits(q, k, v, mask, dropout_p, is_causal, enable_gqa) -> bool:

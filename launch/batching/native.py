@@ -130,7 +130,7 @@ class NativeKernel:
         Hkv, T = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
         out = torch.empty(B, H, Q, D, dtype=q.dtype)
-        scores = torch.empty(threads * T, dtype=torch.float32)
+        scores = torch.empty(threads * (T + 8), dtype=torch.float32)  # attention_body.h: + 8 spare lanes
         q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0, 0)) for t in (q, k, v, mask))
         self._attn[q.dtype](q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
                             _ptr(mask), m_st,
