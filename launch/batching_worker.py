@@ -6,8 +6,9 @@ It speaks FastChat's worker protocol unchanged (register + heartbeat with the co
 /worker_generate_stream, /worker_generate, /worker_get_status, /count_token,
 /worker_get_conv_template, /model_details), so FastChat's API server and UI use it as they use
 the stock worker. Differences that matter: requests arriving while others decode join the
-running batch (launch/batching/engine.py), output text is built incrementally and streamed after
-every token (chunks the HTTP side has not sent yet are merged: the text is cumulative), and the
+running batch (launch/batching/engine.py), output text is built incrementally and streamed at the
+first token, then every `--stream-interval` tokens as FastChat's worker does (default 2; chunks the HTTP
+side has not sent yet are merged: the text is cumulative), and the
 model, conversation template and generate function come from FastChat's adapters (`load_model`,
 `get_conversation_template`, `get_generate_stream_function`), which honour the project's
 worker_adapters. A model whose adapter brings its own generate function (ChatGLM3) is served
@@ -100,7 +101,8 @@ def _base_worker_class():
                 print(f"batching worker: max_batch {max_batch} -> {limit}: {why}", flush=True)
                 max_batch = limit
             self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=max_batch,
-                                       context_len=self.context_len, lease=lease).start()
+                                       context_len=self.context_len, lease=lease,
+                                       stream_interval=args.stream_interval).start()
             if not args.no_register:
                 self.init_heart_beat()
 
@@ -253,6 +255,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--limit-worker-concurrency", type=int, default=16)
+    p.add_argument("--stream-interval", type=_positive, default=2,
+                   help="send a request's text every N tokens (and at its first and last); FastChat's worker "
+                        "option and default")
     p.add_argument("--max-batch", type=int, default=None,
                    help="rows decoded together (default: the model's max_batch in the config, else 8)")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
@@ -267,6 +272,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.prepack is None:
         args.prepack = model.prepack_weights if model else True
     return args
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number of tokens, 1 or more")
+    return n
 
 
 def _configured_model():

@@ -114,3 +114,44 @@ def test_serial_engine_equals_batching_engine_on_plain_generate_stream(ckpts, ar
     assert serial.finish_reason == batched.finish_reason == "length"
     # (FastChat's generate_stream counts max_new_tokens - 1 on a length stop; the batch engine counts them all.)
     assert batched.completion_tokens == 12
+
+
+@pytest.mark.parametrize("kind", ["serial", "batching"])
+def test_both_engines_send_text_every_stream_interval_tokens(ckpts, arena, kind):
+    """`--stream-interval N` (FastChat's worker option, default 2): text goes out at the first token, then every N
+    tokens, then at the end; the final text is the same whatever N."""
+    from fastchat.serve.inference import generate_stream
+
+    from launch.batching.select import EnginePlan
+
+    model, tok = _load(ckpts["smol"])
+    prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
+    raw = {"prompt": prompt, "temperature": 0, "max_new_tokens": 12, "echo": False, "stop_token_ids": []}
+    runs = {}
+    for interval in (1, 3):
+        engine = build_engine(EnginePlan(kind, generate_stream), model, tok, max_batch=4, context_len=512,
+                              stream_interval=interval).start()
+        try:
+            runs[interval] = _run(engine, GenParams.from_fastchat(raw, tok.eos_token_id))
+        finally:
+            engine.shutdown()
+    every, third = runs[1], runs[3]
+    assert third[-1].text == every[-1].text and third[-1].finish_reason == every[-1].finish_reason == "length"
+    sent = [c.completion_tokens for c in third]
+    assert len(third) < len(every), (sent, [c.completion_tokens for c in every])
+    if kind == "batching":
+        # Until some text has gone out every change goes out (this model's first tokens decode to nothing
+        # visible); after that only tokens 1, 4, 7, ... and the last.
+        first_text = next(i for i, c in enumerate(third) if c.text)
+        assert all((n - 1) % 3 == 0 for n in sent[first_text + 1:-1]) and sent[-1] == 12, sent
+        assert len(sent) - first_text <= 5, sent
+
+
+def test_the_worker_takes_fastchats_stream_interval_option(capsys):
+    from launch.batching_worker import parse_args
+
+    assert parse_args(["--model-path", "m"]).stream_interval == 2  # FastChat's worker's default
+    assert parse_args(["--model-path", "m", "--stream-interval", "1"]).stream_interval == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "m", "--stream-interval", "0"])
+    assert "--stream-interval: 0: give a whole number of tokens, 1 or more" in capsys.readouterr().err

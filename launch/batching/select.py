@@ -40,11 +40,14 @@ def plan_for(model, model_path: str) -> EnginePlan:
     return EnginePlan("serial", fn)
 
 
-def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None):
+def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None,
+                 stream_interval: int = 2):
     if plan.kind == "batching":
         from launch.batching.engine import BatchEngine
 
-        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease)
+        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease,
+                           stream_interval=stream_interval)
     from launch.batching.serial import SerialEngine
 
-    return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease)
+    return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease,
+                        stream_interval=stream_interval)

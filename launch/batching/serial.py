@@ -40,9 +40,10 @@ class SerialEngine(EngineThread):
     thread_name = "serial-engine"
 
     def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048,
-                 lease: CoreLease | None = None):
+                 lease: CoreLease | None = None, stream_interval: int = 2):
         super().__init__()
         self.model, self.tokenizer, self.generate = model, tokenizer, generate
+        self.stream_interval = stream_interval
         self.lease = lease
         self.context_len = context_len
         self.running = 0
@@ -74,7 +75,9 @@ class SerialEngine(EngineThread):
                 self.running = 0
 
     def _run(self, req: SerialRequest) -> None:
-        gen = self.generate(self.model, self.tokenizer, req.params.to_fastchat(), "cpu", self.context_len)
+        # Positional, as FastChat's own worker passes them (generate functions name the last one differently).
+        gen = self.generate(self.model, self.tokenizer, req.params.to_fastchat(), "cpu", self.context_len,
+                            self.stream_interval)
         last = None
         try:
             while True:
