@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from launch.batching.cores import lease_from_env
-from launch.batching.engine import Chunk
+from launch.batching.engine import STREAM_INTERVAL, Chunk
 from launch.batching.hugepages import collapse_model, release_checkpoint_files
 from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
@@ -255,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--limit-worker-concurrency", type=int, default=16)
-    p.add_argument("--stream-interval", type=_positive, default=2,
+    p.add_argument("--stream-interval", type=_positive, default=STREAM_INTERVAL,
                    help="send a request's text every N tokens (and at its first and last); FastChat's worker "
                         "option and default")
     p.add_argument("--max-batch", type=int, default=None,

@@ -41,13 +41,13 @@ def plan_for(model, model_path: str) -> EnginePlan:
 
 
 def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None,
-                 stream_interval: int = 2):
+                 stream_interval: int | None = None):
+    """The plan's engine (not started). stream_interval: None for the engines' default (engine.STREAM_INTERVAL)."""
+    chosen = {} if stream_interval is None else {"stream_interval": stream_interval}
     if plan.kind == "batching":
         from launch.batching.engine import BatchEngine
 
-        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease,
-                           stream_interval=stream_interval)
+        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease, **chosen)
     from launch.batching.serial import SerialEngine
 
-    return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease,
-                        stream_interval=stream_interval)
+    return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease, **chosen)

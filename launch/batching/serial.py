@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from launch.batching.cores import CoreLease
-from launch.batching.engine import Chunk
+from launch.batching.engine import STREAM_INTERVAL, Chunk
 from launch.batching.params import GenParams
 from launch.batching.thread import EngineThread
 
@@ -40,7 +40,7 @@ class SerialEngine(EngineThread):
     thread_name = "serial-engine"
 
     def __init__(self, model, tokenizer, generate: Callable, *, context_len: int = 2048,
-                 lease: CoreLease | None = None, stream_interval: int = 2):
+                 lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL):
         super().__init__()
         self.model, self.tokenizer, self.generate = model, tokenizer, generate
         self.stream_interval = stream_interval
