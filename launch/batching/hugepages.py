@@ -50,7 +50,7 @@ def collapse(tensors: Iterable[torch.Tensor]) -> tuple[int, str]:
         madvise = _madvise()
     except (OSError, AttributeError) as e:
         return 0, f"no madvise: {e}"
-    seen, done, why = set(), 0, ""
+    seen, done, why, failed = set(), 0, "", []
     for t in tensors:
         if t.layout != torch.strided or t.is_mkldnn or t.device.type != "cpu":
             continue
@@ -69,11 +69,11 @@ def collapse(tensors: Iterable[torch.Tensor]) -> tuple[int, str]:
         why = f"madvise(MADV_COLLAPSE): {os.strerror(err)}"
         if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
             break  # this kernel or setting never will: do not try every tensor
-        # A failed call (ENOMEM, EAGAIN: no free 2 MB blocks for some of the range) may still have collapsed the
-        # rest, and a gathered arena took 2 MB pages at its first touch where there were free blocks: count
-        # what is there (a 7B-shaped model once reported 0 GB here with part of it on 2 MB pages).
-        done += _huge_bytes_in(lo, hi)
-    return done, why
+        failed.append((lo, hi))
+    # A failed call (ENOMEM, EAGAIN: no free 2 MB blocks for some of the range) may still have collapsed the rest,
+    # and a gathered arena took 2 MB pages at its first touch where there were free blocks: count what is there
+    # (a 7B-shaped model once reported 0 GB here with part of it on 2 MB pages).
+    return done + sum(_huge_bytes_in(failed)), why
 
 
 # Tensors smaller than this stay where they are (norms, biases): they are not worth a page of their own.
@@ -184,25 +184,30 @@ def collapse_model(model: torch.nn.Module) -> tuple[int, str]:
 def huge_bytes(t: torch.Tensor) -> int:
     """Bytes of `t`'s storage that sit on huge pages now (from /proc/self/smaps), for tests and logs."""
     start = t.untyped_storage().data_ptr()
-    return _huge_bytes_in(start, start + t.untyped_storage().nbytes())
+    return _huge_bytes_in([(start, start + t.untyped_storage().nbytes())])[0]
 
 
-def _huge_bytes_in(start: int, end: int) -> int:
-    """Bytes on huge pages in the mappings that overlap [start, end), at most end - start. smaps counts per
-    mapping, not per range: a mapping reaching past the range may count pages outside it, hence the cap."""
-    total, inside = 0, False
+def _huge_bytes_in(ranges: list[tuple[int, int]]) -> list[int]:
+    """For each [start, end): bytes on huge pages in the mappings that overlap it, at most end - start (smaps
+    counts per mapping, not per range: a mapping reaching past the range may count pages outside it). One read
+    of smaps for all of them."""
+    totals = [0] * len(ranges)
+    if not ranges:
+        return totals
+    inside: list[int] = []
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
                 head = line.split()[0]
                 if "-" in head and not head.endswith(":"):
                     lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo < end and hi > start
+                    inside = [i for i, (start, end) in enumerate(ranges) if lo < end and hi > start]
                 elif inside and head == "AnonHugePages:":
-                    total += int(line.split()[1]) * 1024
+                    for i in inside:
+                        totals[i] += int(line.split()[1]) * 1024
     except OSError:  # no /proc: nothing we can count
-        return 0
-    return min(total, end - start)
+        return [0] * len(ranges)
+    return [min(total, end - start) for total, (start, end) in zip(totals, ranges, strict=True)]
 
 
 def give_back_freed_memory() -> None:
