@@ -418,7 +418,6 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
         attention.uninstall()
 
 
-
 def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_them(monkeypatch):
     """With the kernel installed, a padded (masked) batch of a grouped-query model reaches attention with its 2
     key/value heads as they are, not repeated to 4 by transformers' repeat_kv (which copies them every layer,
