@@ -6,10 +6,8 @@
  *   NAME   the exported function's name
  * and SUFFIX, which names this copy's helpers apart from the other copy's.
  */
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-#define SCORES8 CAT(scores8_, SUFFIX)
-#define WEIGH CAT(weigh_, SUFFIX)
+#define SCORES8 PASTE(scores8, SUFFIX)
+#define WEIGH PASTE(weigh, SUFFIX)
 
 /* The scores of the 8 keys at kp[0..7] (kp[j] points at key j's first element) against the fp32 query qf: 8
  * lanes a key, D rounded down to 8, then reduce8, then the scalar tail (D % 8) left to right. Every key's score
@@ -141,5 +139,3 @@ void NAME(const ELEM *q, const long *q_strides, const ELEM *k, const long *k_str
 
 #undef SCORES8
 #undef WEIGH
-#undef CAT
-#undef CAT_

@@ -64,6 +64,11 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
+/* PASTE(name, SUFFIX) -> name_SUFFIX: the kernels' bodies are included once per element type (attention_body.h,
+ * fused_ops_body.h) and name each copy's functions with the SUFFIX the includer defines. */
+#define PASTE_(a, b) a##_##b
+#define PASTE(a, b) PASTE_(a, b)
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_hadd_ps(s, s);

@@ -5,12 +5,9 @@
  *   ROUND8  round to ELEM, kept as fp32             (round8_bf16, round8_f32)
  *   SUFFIX  the exported names' suffix              (bf16, f32)
  */
-#define CAT_(a, b) a##_##b
-#define CAT(a, b) CAT_(a, b)
-
 /* y = w * ELEM(x * 1/sqrt(mean(x^2) + eps)) for each of `rows` rows of n (transformers' LlamaRMSNorm and
  * Qwen2RMSNorm: squares, sum and scaling in fp32). x rows x_stride elements apart; y contiguous. */
-void CAT(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *y, int rows, int n, float eps) {
+void PASTE(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *y, int rows, int n, float eps) {
     for (int r = 0; r < rows; r++) {
         const ELEM *xr = x + r * x_stride;
         ELEM *yr = y + (long)r * n;
@@ -29,7 +26,7 @@ void CAT(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *y,
  * rounded to ELEM before the sum as torch does. x: [B, H, S, D] at x_strides (D contiguous); cos, sin: [B, S, D]
  * at cs_strides (D contiguous, stride 0 where broadcast); out: [B, H, S, D] contiguous. rotate_half(x) is
  * (-x[D/2:], x[:D/2]). */
-void CAT(rotary, SUFFIX)(const ELEM *x, const long *x_strides, const ELEM *cos, const ELEM *sin,
+void PASTE(rotary, SUFFIX)(const ELEM *x, const long *x_strides, const ELEM *cos, const ELEM *sin,
                          const long *cs_strides, ELEM *out, int B, int H, int S, int D) {
     const int half = D / 2;
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -54,7 +51,7 @@ void CAT(rotary, SUFFIX)(const ELEM *x, const long *x_strides, const ELEM *cos, 
 /* out = ELEM(silu(g)) * u for `rows` rows of n (transformers' LlamaMLP: act_fn(gate_proj(x)) * up_proj(x)),
  * silu(g) = g / (1 + e^-g), computed as g * e^g / (1 + e^g) for negative g so that exp8 only sees x <= 0.
  * g and u rows g_stride and u_stride elements apart (slices of one fused gate|up output); out contiguous. */
-void CAT(silu_mul, SUFFIX)(const ELEM *g, long g_stride, const ELEM *u, long u_stride, ELEM *out, int rows, int n) {
+void PASTE(silu_mul, SUFFIX)(const ELEM *g, long g_stride, const ELEM *u, long u_stride, ELEM *out, int rows, int n) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < n; i += 8) {
@@ -66,6 +63,3 @@ void CAT(silu_mul, SUFFIX)(const ELEM *g, long g_stride, const ELEM *u, long u_s
             STORE8(out + (long)r * n + i, _mm256_mul_ps(silu, LOAD8(u + r * u_stride + i)));
         }
 }
-
-#undef CAT
-#undef CAT_
