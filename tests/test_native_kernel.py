@@ -293,8 +293,9 @@ def _masks(B, H, T, dtype=torch.bfloat16):
 @needs_kernel
 @pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
 # Head sizes: whole blocks of 64, one vector past them (72), several blocks and a part (200), a scalar tail (20).
+# 40 query heads on 2 key heads: a group of 20 is more than one tile of queries (attention.c's QT).
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 32, 32, 80, 128), (3, 8, 2, 50, 64), (2, 4, 4, 7, 72), (1, 2, 1, 1, 8),
-                                         (1, 4, 2, 33, 200), (2, 4, 2, 13, 20)])
+                                         (1, 4, 2, 33, 200), (2, 4, 2, 13, 20), (1, 40, 2, 45, 64)])
 def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D, dtype):
     original = patched_sdpa
     rtol, atol, further = ATTENTION_DTYPES[dtype]
@@ -419,6 +420,22 @@ def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa, dty
     rest = sdpa(q[:, :, shared:], keys, values, attn_mask=rest_mask)
     head = sdpa(q[:, :, :shared], k[:, :, :shared], v[:, :, :shared], is_causal=True)
     assert torch.equal(torch.cat([head, rest], 2), alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (40, 2, 20)])
+def test_each_query_of_a_prompt_is_bitwise_its_own_decode_step(patched_sdpa, H, Hkv, D, dtype):
+    """The kernel computes a prompt's queries in tiles that share their key head's keys (several query heads,
+    several positions, each seeing its own number of keys): query i's output is still exactly what decoding
+    that token alone over its i + 1 keys gives."""
+    Q = 70  # more than one block of values (attention.c's VB) and several tiles of positions
+    q, k, v = _prompt_qkv(2, H, Hkv, Q, Q, D, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    prompt = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    for i in range(Q):
+        step = sdpa(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], enable_gqa=True)
+        assert torch.equal(prompt[:, :, i:i + 1], step), i
 
 
 @needs_kernel

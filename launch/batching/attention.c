@@ -54,24 +54,82 @@ static inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* Queries per tile (attention_body.h): the scores scratch holds QT rows of T + 8 floats per thread. */
+#define QT 16
+/* Value rows widened per block (VB * D floats on the stack, at most 32 KB). */
+#define VB 32
+
+int attention_tile_queries(void) { return QT; }
+
+/* The scores of the 8 keys at kp[0..7] (fp32 rows) against the fp32 query qf: 8 lanes a key, D rounded down to
+ * 8, then reduce8, then the scalar tail (D % 8) left to right. Every key's score is this one sequence of
+ * operations, wherever it sits in the block of 8 and whichever keys share the block. */
+static inline __m256 scores8(const float *const *kp, const float *qf, int D) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    int d = 0;
+    for (; d + 8 <= D; d += 8) {
+        const __m256 x = _mm256_loadu_ps(qf + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[0] + d), x, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[1] + d), x, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[2] + d), x, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[3] + d), x, a3);
+        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[4] + d), x, a4);
+        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[5] + d), x, a5);
+        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[6] + d), x, a6);
+        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(kp[7] + d), x, a7);
+    }
+    __m256 r = reduce8(a0, a1, a2, a3, a4, a5, a6, a7);
+    if (d < D) {
+        float tail[8];
+        for (int j = 0; j < 8; j++) {
+            float t = 0.0f;
+            for (int e = d; e < D; e++)
+                t += kp[j][e] * qf[e];
+            tail[j] = t;
+        }
+        r = _mm256_add_ps(r, _mm256_loadu_ps(tail));
+    }
+    return r;
+}
+
+/* acc[0..nv*8) (+)= sum over t < n of p[t] * row t's dims d0 + ... (row t at vr + t * vs, fp32), t left to
+ * right, each lane one fused multiply-add a key (nv: 1..8 vectors, a constant where inlined, so the sums stay in
+ * registers); a zero weight adds nothing. `first`: start from 0, else from the sums parked in acc. */
+static inline __attribute__((always_inline)) void weigh(const float *vr, long vs, const float *p, int n, int d0,
+                                                        const int nv, float *acc, int first) {
+    __m256 a[8];
+    for (int j = 0; j < nv; j++)
+        a[j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + 8 * j);
+    for (int t = 0; t < n; t++) {
+        if (p[t] == 0.0f)
+            continue;
+        const __m256 pv = _mm256_set1_ps(p[t]);
+        const float *vt = vr + t * vs + d0;
+        for (int j = 0; j < nv; j++)
+            a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(vt + 8 * j), pv, a[j]);
+    }
+    for (int j = 0; j < nv; j++)
+        _mm256_storeu_ps(acc + 8 * j, a[j]);
+}
+
 #define ELEM uint16_t
 #define TOF bf16_to_float
 #define FROMF float_to_bf16
-#define LOAD8 load8_bf16
+#define WIDE 1
 #define NAME attention_bf16
 #define SUFFIX bf16
 #include "attention_body.h"
 #undef ELEM
 #undef TOF
 #undef FROMF
-#undef LOAD8
+#undef WIDE
 #undef NAME
 #undef SUFFIX
 
 #define ELEM float
 #define TOF f32_to_float
 #define FROMF f32_to_float
-#define LOAD8 _mm256_loadu_ps
+#define WIDE 0
 #define NAME attention_f32
 #define SUFFIX f32
 #include "attention_body.h"

@@ -63,6 +63,8 @@ class NativeKernel:
         lib.linear_xtile.restype = ctypes.c_int
         self.xtile = lib.linear_xtile()  # input rows per pass over the weight: the scratch holds that many
         self._attn = {torch.bfloat16: lib.attention_bf16, torch.float32: lib.attention_f32}
+        lib.attention_tile_queries.restype = ctypes.c_int
+        self.tile_queries = lib.attention_tile_queries()  # queries whose scores a thread holds at once
         for fn in self._attn.values():
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -130,7 +132,8 @@ class NativeKernel:
         Hkv, T = k.shape[1], k.shape[2]
         threads = torch.get_num_threads()
         out = torch.empty(B, H, Q, D, dtype=q.dtype)
-        scores = torch.empty(threads * (T + 8), dtype=torch.float32)  # attention_body.h: + 8 spare lanes
+        # attention_body.h: each thread's tile of queries, each with 8 spare lanes past its T scores
+        scores = torch.empty(threads * self.tile_queries * (T + 8), dtype=torch.float32)
         q_st, k_st, v_st, m_st = (_longs(t.stride() if t is not None else (0, 0, 0, 0)) for t in (q, k, v, mask))
         self._attn[q.dtype](q.data_ptr(), q_st, k.data_ptr(), k_st, v.data_ptr(), v_st,
                             _ptr(mask), m_st,
