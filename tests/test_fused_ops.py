@@ -11,6 +11,7 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from launch.batching import fused_ops, native
 from launch.batching.kernels import prepack_linears
+from launch.bench_raw import threads
 
 KERNEL, WHY = native.native_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")
@@ -98,16 +99,18 @@ def test_silu_and_multiply_computes_what_the_transformers_mlp_computes(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+# 6 rows: a decode step's, on the calling thread; 200: a prompt's, split over the threads (fused_ops.c PARALLEL_MIN)
+@pytest.mark.parametrize("rows,seq", [(6, 1), (200, 30)])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, rows, seq):
     torch.manual_seed(3)
-    x = torch.randn(6, 3, 128).to(dtype)
+    x = torch.randn(rows, 3, 128).to(dtype)
     weight = torch.randn(128).to(dtype)
-    q, k, cos, sin = _rotary_inputs(dtype, 3, 1)
-    with torch.inference_mode():
+    q, k, cos, sin = _rotary_inputs(dtype, 3, seq)
+    with torch.inference_mode(), threads(2):
         norms = KERNEL.rms_norm(x.reshape(-1, 128), weight, 1e-6)
         silu = KERNEL.silu_mul(x[:, 0], x[:, 1])
         rot = KERNEL.rotary(q, cos, sin)
-        for i in range(6):
+        for i in range(rows):
             assert torch.equal(KERNEL.rms_norm(x[i], weight, 1e-6), norms[3 * i:3 * i + 3])
             assert torch.equal(KERNEL.silu_mul(x[i:i + 1, 0], x[i:i + 1, 1]), silu[i:i + 1])
         for b in range(3):

@@ -7,7 +7,9 @@
  */
 /* y = w * ELEM(x * 1/sqrt(mean(x^2) + eps)) for each of `rows` rows of n (transformers' LlamaRMSNorm and
  * Qwen2RMSNorm: squares, sum and scaling in fp32). x rows x_stride elements apart; y contiguous. */
-void PASTE(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *y, int rows, int n, float eps) {
+void PASTE(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *y, int rows, int n, float eps,
+                             int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if ((long)rows * n >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++) {
         const ELEM *xr = x + r * x_stride;
         ELEM *yr = y + (long)r * n;
@@ -27,9 +29,10 @@ void PASTE(rms_norm, SUFFIX)(const ELEM *x, long x_stride, const ELEM *w, ELEM *
  * at cs_strides (D contiguous, stride 0 where broadcast); out: [B, H, S, D] contiguous. rotate_half(x) is
  * (-x[D/2:], x[:D/2]). */
 void PASTE(rotary, SUFFIX)(const ELEM *x, const long *x_strides, const ELEM *cos, const ELEM *sin,
-                         const long *cs_strides, ELEM *out, int B, int H, int S, int D) {
+                         const long *cs_strides, ELEM *out, int B, int H, int S, int D, int threads) {
     const int half = D / 2;
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    #pragma omp parallel for collapse(3) schedule(static) num_threads(threads) if ((long)B * H * S * D >= PARALLEL_MIN)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
             for (int s = 0; s < S; s++) {
@@ -51,8 +54,10 @@ void PASTE(rotary, SUFFIX)(const ELEM *x, const long *x_strides, const ELEM *cos
 /* out = ELEM(silu(g)) * u for `rows` rows of n (transformers' LlamaMLP: act_fn(gate_proj(x)) * up_proj(x)),
  * silu(g) = g / (1 + e^-g), computed as g * e^g / (1 + e^g) for negative g so that exp8 only sees x <= 0.
  * g and u rows g_stride and u_stride elements apart (slices of one fused gate|up output); out contiguous. */
-void PASTE(silu_mul, SUFFIX)(const ELEM *g, long g_stride, const ELEM *u, long u_stride, ELEM *out, int rows, int n) {
+void PASTE(silu_mul, SUFFIX)(const ELEM *g, long g_stride, const ELEM *u, long u_stride, ELEM *out, int rows, int n,
+                             int threads) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    #pragma omp parallel for schedule(static) num_threads(threads) if ((long)rows * n >= PARALLEL_MIN)
     for (int r = 0; r < rows; r++)
         for (int i = 0; i < n; i += 8) {
             const __m256 gv = LOAD8(g + r * g_stride + i);

@@ -136,34 +136,49 @@ static inline void store16(V r, const uint16_t *bias, int o0, int n, uint16_t *y
     _mm256_mask_storeu_epi16(y, k, _mm512_cvtepi32_epi16(h));
 }
 
+/* Passes over the weight for `rows` input rows: one per XTILE rows, more when that leaves the threads unevenly
+ * loaded and every pass keeps at least GR rows. Why: a pass's tiles are the work the threads share, and a
+ * Llama/Qwen2 linear of 576 or 896 outputs has 9 or 14 tiles, 192 outputs 3: on 2 threads a prompt's pass over
+ * 9 tiles kept one thread idle for a ninth of it. The passes only regroup rows: no output changes. */
+static int passes_for(int rows, int tiles, int threads) {
+    const int base = (rows + XTILE - 1) / XTILE;
+    for (int p = base; p <= base * threads; p++)
+        if ((long)tiles * p % threads == 0 && rows / p >= GR)
+            return p;
+    return base;
+}
+
 void linear_bf16_avx512(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
                         int n_out, int n_in, int threads) {
     const int pairs = (n_in + 1) / 2, tiles = (n_out + TILE - 1) / TILE;
-    for (int m0 = 0; m0 < rows; m0 += XTILE) {
-        const int tile_rows = rows - m0 < XTILE ? rows - m0 : XTILE;
+    const int passes = passes_for(rows, tiles, threads), per_pass = (rows + passes - 1) / passes;
+    /* Every (pass, tile) is one piece of work: the passes of a prompt share the threads too. */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int item = 0; item < passes * tiles; item++) {
+        const int t = item % tiles, m0 = item / tiles * per_pass;
+        if (m0 >= rows)
+            continue;
+        const int tile_rows = rows - m0 < per_pass ? rows - m0 : per_pass;
         /* Groups of at most GR rows, as even as they can be (8 rows: 4 + 4, not 6 + 2). */
         const int groups = (tile_rows + GR - 1) / GR, per = (tile_rows + groups - 1) / groups;
         const int chunk = groups > 1 ? KCHUNK : pairs;
         const uint16_t *xt = x + (long)m0 * n_in;
         uint16_t *yt = y + (long)m0 * n_out;
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int t = 0; t < tiles; t++) {
-            float s[XTILE * TILE] __attribute__((aligned(64)));
-            memset(s, 0, sizeof(float) * tile_rows * TILE);
-            const uint16_t *wt = w + (long)t * TILE * 2 * pairs;
-            const int n = n_out - t * TILE < TILE ? n_out - t * TILE : TILE;  /* this tile's weight rows */
-            for (int p0 = 0; p0 < pairs; p0 += chunk) {
-                const int p1 = p0 + chunk < pairs ? p0 + chunk : pairs;
-                const int odd = p1 == pairs && (n_in & 1);
-                for (int g = 0; g < tile_rows; g += per) {
-                    const int m = tile_rows - g < per ? tile_rows - g : per;
-                    group_rows(wt, n, xt + (long)g * n_in, n_in, m, p0, p1, odd, s + g * TILE);
-                }
+        float s[XTILE * TILE] __attribute__((aligned(64)));
+        memset(s, 0, sizeof(float) * tile_rows * TILE);
+        const uint16_t *wt = w + (long)t * TILE * 2 * pairs;
+        const int n = n_out - t * TILE < TILE ? n_out - t * TILE : TILE;  /* this tile's weight rows */
+        for (int p0 = 0; p0 < pairs; p0 += chunk) {
+            const int p1 = p0 + chunk < pairs ? p0 + chunk : pairs;
+            const int odd = p1 == pairs && (n_in & 1);
+            for (int g = 0; g < tile_rows; g += per) {
+                const int m = tile_rows - g < per ? tile_rows - g : per;
+                group_rows(wt, n, xt + (long)g * n_in, n_in, m, p0, p1, odd, s + g * TILE);
             }
-            for (int m = 0; m < tile_rows; m++)
-                for (int v = 0; v * 16 < n; v++)
-                    store16(_mm512_load_ps(s + m * TILE + v * 16), bias, t * TILE + v * 16,
-                            n - v * 16, yt + (long)m * n_out + t * TILE + v * 16);
         }
+        for (int m = 0; m < tile_rows; m++)
+            for (int v = 0; v * 16 < n; v++)
+                store16(_mm512_load_ps(s + m * TILE + v * 16), bias, t * TILE + v * 16,
+                        n - v * 16, yt + (long)m * n_out + t * TILE + v * 16);
     }
 }

@@ -72,10 +72,10 @@ class NativeKernel:
         for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
             norm, rotary, silu_mul = (getattr(lib, f"{op}_{suffix}") for op in ("rms_norm", "rotary", "silu_mul"))
             norm.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_int, ctypes.c_float]
-            rotary.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4
+                             ctypes.c_int, ctypes.c_float, ctypes.c_int]
+            rotary.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
             silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
-                                 ctypes.c_int, ctypes.c_int]
+                                 ctypes.c_int, ctypes.c_int, ctypes.c_int]
             for fn in (norm, rotary, silu_mul):
                 fn.restype = None
             self._fused[dtype] = (norm, rotary, silu_mul)
@@ -145,7 +145,8 @@ class NativeKernel:
         """x [rows, n] (rows x.stride(0) apart, n contiguous), weight [n] -> [rows, n] contiguous."""
         rows, n = x.shape
         y = torch.empty(rows, n, dtype=x.dtype)
-        self._fused[x.dtype][0](x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), rows, n, eps)
+        self._fused[x.dtype][0](x.data_ptr(), x.stride(0), weight.data_ptr(), y.data_ptr(), rows, n, eps,
+                                torch.get_num_threads())
         return y
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,14 +154,15 @@ class NativeKernel:
         B, H, S, D = x.shape
         out = torch.empty(B, H, S, D, dtype=x.dtype)
         self._fused[x.dtype][1](x.data_ptr(), _longs(x.stride()), cos.data_ptr(), sin.data_ptr(),
-                                _longs(cos.stride()), out.data_ptr(), B, H, S, D)
+                                _longs(cos.stride()), out.data_ptr(), B, H, S, D, torch.get_num_threads())
         return out
 
     def silu_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """g, u [rows, n] (rows at their own stride(0), n contiguous) -> silu(g) * u, [rows, n] contiguous."""
         rows, n = g.shape
         out = torch.empty(rows, n, dtype=g.dtype)
-        self._fused[g.dtype][2](g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), rows, n)
+        self._fused[g.dtype][2](g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), rows, n,
+                                torch.get_num_threads())
         return out
 
     def mlp_block(self, residual: torch.Tensor, attn: torch.Tensor, o_proj: tuple, norm_weight: torch.Tensor,
