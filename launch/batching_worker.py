@@ -32,8 +32,12 @@ from launch.batching.engine import STREAM_INTERVAL, Chunk
 from launch.batching.hugepages import collapse_model, release_checkpoint_files
 from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
 from launch.batching.params import GenParams
+from launch.batching.prefix_cache import PrefixCache
+from launch.batching.prefix_cache import usable as prefix_cache_usable
 from launch.batching.select import build_engine, plan_for
 from launch.batching.thread import off_main_thread
+
+PREFIX_CACHE_MB = 256  # config.ModelConfig.prefix_cache_mb's default, for a worker started without the config
 
 app = FastAPI()
 worker: BatchingWorker | None = None
@@ -102,9 +106,20 @@ def _base_worker_class():
                 max_batch = limit
             self.engine = build_engine(self.plan, self.model, self.tokenizer, max_batch=max_batch,
                                        context_len=self.context_len, lease=lease,
-                                       stream_interval=args.stream_interval).start()
+                                       stream_interval=args.stream_interval,
+                                       prefix_cache=self._prefix_cache(args.prefix_cache_mb)).start()
             if not args.no_register:
                 self.init_heart_beat()
+
+        def _prefix_cache(self, mb: int) -> PrefixCache | None:
+            if self.plan.kind != "batching" or mb == 0:
+                return None
+            why = prefix_cache_usable(self.model)
+            if why:
+                print(f"batching worker: no prefix cache: {why}", flush=True)
+                return None
+            print(f"batching worker: prefix cache of {mb} MB (finished requests' keys and values)", flush=True)
+            return PrefixCache(mb * 2**20)
 
         def get_queue_length(self) -> int:
             # Like FastChat's worker: requests running + waiting. The controller routes on it.
@@ -263,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="linear layers on the AVX2 kernel or oneDNN packed weights (default: the model's prepack_weights, "
                         "else yes; launch/batching/kernels.py)")
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off "
+                        "(default: the model's prefix_cache_mb in the config, else 256)")
     p.add_argument("--no-register", action="store_true")
     # Accept (and ignore) the stock worker's other options so the command lines are interchangeable.
     args, _unknown = p.parse_known_args(argv)
@@ -271,6 +289,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_batch = model.max_batch if model else 8
     if args.prepack is None:
         args.prepack = model.prepack_weights if model else True
+    if args.prefix_cache_mb is None:
+        args.prefix_cache_mb = model.prefix_cache_mb if model else PREFIX_CACHE_MB
+    if args.prefix_cache_mb < 0:
+        p.error(f"--prefix-cache-mb {args.prefix_cache_mb}: give 0 (off) or more")
     return args
 
 

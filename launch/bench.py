@@ -139,10 +139,10 @@ def _load(cfg: ArenaConfig, name: str):
 def _prompt_ids(cfg: ArenaConfig, name: str, tok):
     from fastchat.model.model_adapter import get_conversation_template
 
-    from launch.bench_api import PROMPT
+    from launch.bench_api import client_prompt
 
     conv = get_conversation_template(str(cfg.model_path(cfg.model(name))))
-    conv.append_message(conv.roles[0], PROMPT)
+    conv.append_message(conv.roles[0], client_prompt())  # the form the API requests take
     conv.append_message(conv.roles[1], None)
     import torch
 

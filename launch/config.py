@@ -90,6 +90,9 @@ class ModelConfig(_Strict):
     max_batch: int = Field(8, ge=1)
     # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (launch/batching/kernels.py).
     prepack_weights: bool = True
+    # Batching worker: MB of finished requests' keys and values kept, so that a prompt beginning like one of them
+    # (the next turn of a chat, a common system prompt) starts from them; 0 = off (launch/batching/prefix_cache.py).
+    prefix_cache_mb: int = Field(256, ge=0)
     # Conversation template override; normally the adapter detects it from the checkpoint.
     conv_template: str | None = None
     # ModelScope id for `make download`, e.g. "ZhipuAI/chatglm3-6b".

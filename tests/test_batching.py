@@ -458,7 +458,7 @@ def test_a_prompt_too_long_for_the_attention_kernel_is_prefilled_alone():
     from launch.batching.params import GenParams
 
     eng = BatchEngine.__new__(BatchEngine)  # only the grouping rule: no model, no thread
-    eng.max_batch, eng.rows = 8, []
+    eng.max_batch, eng.rows, eng.prefix_cache = 8, [], None
 
     def req(n):
         return Request(params=GenParams(prompt=""), prompt_ids=[1] * n, sink=lambda c: None)

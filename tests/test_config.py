@@ -51,6 +51,12 @@ def test_unknown_dtype(tmp_path):
         load_config(_cfg(tmp_path, models=[{**GOOD_MODEL, "dtype": "int8"}]))
 
 
+def test_a_negative_prefix_cache_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="models.0.prefix_cache_mb") as e:
+        load_config(_cfg(tmp_path, models=[{**GOOD_MODEL, "prefix_cache_mb": -5}]))
+    assert "greater than or equal to 0" in str(e.value)
+
+
 def test_missing_required_field(tmp_path):
     with pytest.raises(ConfigError, match=r"models.0.path: required field is missing"):
         load_config(_cfg(tmp_path, models=[{"name": "m1"}]))

@@ -25,7 +25,8 @@ from launch.batching.attention import PROMPT_QUERIES_MAX
 from launch.batching.cores import CoreLease
 from launch.batching.kv_cache import GrowingCache
 from launch.batching.params import GenParams, choose_token, greedy_tokens
-from launch.batching.prefill import prefill
+from launch.batching.prefill import prefill, prefill_after
+from launch.batching.prefix_cache import Hit, PrefixCache, row_layers
 from launch.batching.text import IncrementalText, StopText
 from launch.batching.thread import EngineThread
 
@@ -73,6 +74,9 @@ class Request:
     detok: IncrementalText | None = None
     stop_text: StopText | None = None
     sent_len: int = -1
+    # The kept keys and values its prompt begins with (prefix_cache.py), looked up once, when first grouped.
+    prefix: Hit | None = None
+    looked_up: bool = False
 
     def cancel(self) -> None:
         # Read by the engine thread between steps; a bool store is atomic under the GIL.
@@ -90,7 +94,8 @@ class BatchEngine(EngineThread):
     thread_name = "batch-engine"
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
-                 lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL):
+                 lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL,
+                 prefix_cache: PrefixCache | None = None):
         super().__init__()
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be 1 or more, got {stream_interval}")
@@ -106,6 +111,15 @@ class BatchEngine(EngineThread):
         self.cache: GrowingCache | None = None
         self.steps = 0
         self._ready_mask = takes_ready_mask(model)
+        # Finished requests' keys and values, for prompts that begin like them (only where a prompt started from
+        # them gets a whole prefill's logits: prefix_cache.usable).
+        if prefix_cache is not None:
+            from launch.batching.prefix_cache import usable
+
+            why = usable(model)
+            if why:
+                raise ValueError(f"a prefix cache cannot serve this model: {why}")
+        self.prefix_cache = prefix_cache
         # Held while admitted requests move from `waiting` to `rows`, so that load(), read by the HTTP
         # thread, counts each request once (it read 7 for 4 requests when it fell between the two).
         self._moving = threading.Lock()
@@ -196,10 +210,16 @@ class BatchEngine(EngineThread):
         group = [self.waiting[0]]
         if len(group[0].prompt_ids) > PROMPT_QUERIES_MAX:
             return group
+        kept = self._kept_prefix(group[0])
+        n = group[0].prefix.tokens if kept else 0
         for req in self.waiting[1:free]:
             if len(req.prompt_ids) > PROMPT_QUERIES_MAX:
                 break
-            lengths = [len(r.prompt_ids) for r in (*group, req)]
+            # Together only with prompts that start from the same kept tokens, or from none.
+            if self._kept_prefix(req) != kept or (kept and (req.prefix.tokens != n
+                                                            or req.prompt_ids[:n] != group[0].prompt_ids[:n])):
+                break
+            lengths = [len(r.prompt_ids) - n for r in (*group, req)]
             padded = max(lengths) * len(lengths)
             if padded > PREFILL_TOKENS or padded - sum(lengths) > PAD_WASTE * padded:
                 break
@@ -217,8 +237,14 @@ class BatchEngine(EngineThread):
         waited, group = group, [r for r in group if not r.cancelled]
         if not group:
             return
-        logits, layers = prefill(self.model, [r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0,
-                                 share=self._ready_mask)
+        if group[0].prefix:  # then every prompt of the group starts from the same kept tokens (_next_group)
+            logits, layers = prefill_after(self.model, [r.prompt_ids for r in group], group[0].prefix,
+                                           self.tokenizer.pad_token_id or 0)
+            for r in group:
+                r.prefix = None  # the batch's cache holds them now
+        else:
+            logits, layers = prefill(self.model, [r.prompt_ids for r in group], self.tokenizer.pad_token_id or 0,
+                                     share=self._ready_mask)
         rows, keep = [], []
         for i, req in enumerate(group):
             req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
@@ -322,7 +348,31 @@ class BatchEngine(EngineThread):
             ))
         return GrowingCache.from_legacy_cache(tuple(layers))
 
+    def _kept_prefix(self, req: Request) -> bool:
+        """Whether the prompt begins with kept keys and values (then it is prefilled from them, with the prompts
+        that begin with the same ones). Prompts longer than attention.PROMPT_QUERIES_MAX never do: prefilled
+        whole, their attention runs on torch's SDPA, which a prompt started from kept keys would not match."""
+        if not req.looked_up:
+            req.looked_up = True
+            if self.prefix_cache is not None and len(req.prompt_ids) <= PROMPT_QUERIES_MAX:
+                req.prefix = self.prefix_cache.lookup(req.prompt_ids)
+        return req.prefix is not None
+
+    def _keep_leaving_rows(self, keep: list[int]) -> None:
+        """Hand the keys and values of the rows that leave the batch to the prefix cache."""
+        store = self.prefix_cache
+        if store is None or self.cache is None:
+            return
+        kept = set(keep)
+        layers = self.cache.to_legacy_cache()
+        width = layers[0][0].shape[-2]
+        for i, row in enumerate(self.rows):
+            if i not in kept:
+                tokens = (row.req.prompt_ids + row.req.output_ids)[:row.length]
+                store.put(tokens, row_layers(layers, i, width - row.length, width))
+
     def _select(self, keep: list[int]) -> None:
+        self._keep_leaving_rows(keep)
         if not keep:
             self.rows, self.cache = [], None
             return

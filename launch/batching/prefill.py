@@ -58,12 +58,24 @@ def prefill(model, prompts: list[list[int]], pad: int, *, share: bool) -> tuple[
     return out.logits[:, -1, :], legacy(out.past_key_values)
 
 
+def prefill_after(model, prompts: list[list[int]], hit, pad: int) -> tuple[torch.Tensor, tuple]:
+    """prefill() of prompts that all begin with the hit.tokens tokens whose keys and values are kept
+    (prefix_cache.Hit): only their rests run, together, over copies of them."""
+    return _prefill_rests(model, prompts, hit.tokens, hit.layers, pad)
+
+
 def _prefill_shared(model, prompts: list[list[int]], shared: int, pad: int) -> tuple[torch.Tensor, tuple]:
-    rows = len(prompts)
     head = model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, logits_to_keep=1)
+    return _prefill_rests(model, prompts, shared, legacy(head.past_key_values), pad)
+
+
+def _prefill_rests(model, prompts: list[list[int]], shared: int, head: tuple, pad: int) -> tuple[torch.Tensor, tuple]:
+    """The prompts' own rests after their common first `shared` tokens, whose keys and values are `head` (per
+    layer [1, heads, shared, dim]; copied, one per prompt)."""
+    rows = len(prompts)
     cache = DynamicCache.from_legacy_cache(tuple(
-        (k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
-        for k, v in legacy(head.past_key_values)))
+        (k.expand(rows, -1, -1, -1).clone(memory_format=torch.contiguous_format),
+         v.expand(rows, -1, -1, -1).clone(memory_format=torch.contiguous_format)) for k, v in head))
     rests = [p[shared:] for p in prompts]
     width = max(len(r) for r in rests)
     gaps = [width - len(r) for r in rests]

@@ -41,13 +41,15 @@ def plan_for(model, model_path: str) -> EnginePlan:
 
 
 def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None,
-                 stream_interval: int | None = None):
-    """The plan's engine (not started). stream_interval: None for the engines' default (engine.STREAM_INTERVAL)."""
+                 stream_interval: int | None = None, prefix_cache=None):
+    """The plan's engine (not started). stream_interval: None for the engines' default (engine.STREAM_INTERVAL).
+    prefix_cache: a prefix_cache.PrefixCache for the batching engine, or None."""
     chosen = {} if stream_interval is None else {"stream_interval": stream_interval}
     if plan.kind == "batching":
         from launch.batching.engine import BatchEngine
 
-        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease, **chosen)
+        return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease,
+                           prefix_cache=prefix_cache, **chosen)
     from launch.batching.serial import SerialEngine
 
     return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease, **chosen)
