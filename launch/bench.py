@@ -93,7 +93,11 @@ def _bench_config(cfg: ArenaConfig, models: list[str], worker: str | None, run_d
     import tomllib
 
     raw = tomllib.loads(cfg.source.read_text())
-    chosen = [dict(m, path=str(cfg.model_path(cfg.model(m["name"]))), **({"worker": worker} if worker else {}))
+    # Without the prefix cache: the rounds repeat their prompts, which it would serve from finished requests'
+    # keys and values, so the rates would measure the cache instead of prefill; the bench measures what it
+    # saves apart (next_turn_prefill).
+    chosen = [dict(m, path=str(cfg.model_path(cfg.model(m["name"]))), prefix_cache_mb=0,
+                   **({"worker": worker} if worker else {}))
               for m in raw["models"] if m["name"] in models]
     server, entries = on_free_ports(dict(raw.get("server", {}), run_dir=str(run_dir)), chosen)
     return write_config(run_dir.parent / "bench.toml", server, entries)
@@ -136,13 +140,54 @@ def _load(cfg: ArenaConfig, name: str):
     return model.eval(), tok, torch
 
 
+NEXT_QUESTION = "Now count from 300 down to 1 the same way."
+
+
+def _next_turn(cfg: ArenaConfig, name: str, model, tok, ids, tokens: int, repeats: int):
+    """(second turn's prompt tokens, tokens kept, prefill whole, prefill from the kept turn), on the worker's
+    kernels (this model is put on them here: raw generate is done with it), or None where the worker keeps no
+    prefix cache (prefix_cache.usable)."""
+    from launch.batching import attention, fused_ops
+    from launch.batching.kernels import prepack_linears
+    from launch.batching.prefix_cache import usable
+
+    m = cfg.model(name)
+    if not m.prepack_weights or m.prefix_cache_mb == 0:
+        return None
+    try:
+        prepack_linears(model)
+        return None if usable(model) else _measure_next_turn(cfg, m, model, tok, ids, tokens, repeats)
+    finally:  # process-wide: the next model's raw generate is plain transformers again
+        attention.uninstall()
+        fused_ops.uninstall_rotary()
+
+
+def _measure_next_turn(cfg: ArenaConfig, m, model, tok, ids, tokens: int, repeats: int):
+    from fastchat.model.model_adapter import get_conversation_template
+
+    from launch.bench_api import PROMPT
+    from launch.bench_raw import next_turn_prefill
+
+    first = ids[0].tolist()
+    answer = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                            attention_mask=ids.new_ones(ids.shape))[0, len(first):].tolist()
+    conv = get_conversation_template(str(cfg.model_path(m)))
+    conv.append_message(conv.roles[0], PROMPT)
+    conv.append_message(conv.roles[1], tok.decode(answer, skip_special_tokens=True))
+    conv.append_message(conv.roles[0], NEXT_QUESTION)
+    conv.append_message(conv.roles[1], None)
+    second = tok(conv.get_prompt()).input_ids
+    whole, kept, n = next_turn_prefill(model, first, answer, second, repeats)
+    return len(second), n, whole, kept
+
+
 def _prompt_ids(cfg: ArenaConfig, name: str, tok):
     from fastchat.model.model_adapter import get_conversation_template
 
-    from launch.bench_api import client_prompt
+    from launch.bench_api import PROMPT
 
     conv = get_conversation_template(str(cfg.model_path(cfg.model(name))))
-    conv.append_message(conv.roles[0], client_prompt())  # the form the API requests take
+    conv.append_message(conv.roles[0], PROMPT)
     conv.append_message(conv.roles[1], None)
     import torch
 
@@ -269,7 +314,8 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
             return 1
         print(f"  ready in {up_time:.0f} s", flush=True)
     else:
-        print(f"using the running stack of {cfg.source}; `make up` time is not measured (stack already up)")
+        print(f"using the running stack of {cfg.source}; `make up` time is not measured (stack already up); "
+              "its workers' prefix caches serve the repeated prompts of later rounds from earlier ones")
     try:
         return _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time)
     finally:
@@ -305,11 +351,14 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
         with threads(n_threads):
             # Same thread count and wait policy as the worker gets, so API/raw compares serving cost only.
             raw_rate, raw_ttft = raw_decode(model, ids, tokens, repeats)
+            turn = _next_turn(cfg, name, model, tok, ids, tokens, repeats) if m.worker == "batching" else None
         del model
         r = ModelReport(name=name, worker=m.worker, dtype=resolve_dtype(m.dtype), threads=n_threads,
                         weights_bytes=total, bytes_per_token=per_token, raw_decode_tps=raw_rate, raw_ttft_s=raw_ttft,
                         roofline_tps=roofline_tokens_per_s(bw.median, per_token), rss_bytes=_rss(worker_pids.get(name)))
         print(f"[{name}] API streaming ...", flush=True)
+        if turn:
+            r.next_turn_tokens, r.next_turn_kept, r.next_turn_whole_s, r.next_turn_kept_s = turn
         r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
         r.concurrency_rounds = aggregate_rounds(
             api, name, tok, clients, tokens, repeats, headers,
@@ -323,7 +372,8 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
     # Other processes on the same cores skew every number: keep the load next to them.
     machine["loadavg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     settings = {"tokens": tokens, "repeats": repeats, "clients": list(clients), "config": str(cfg.source),
-                "stack_config": str(stack_cfg.source)}
+                "stack_config": str(stack_cfg.source),
+                "prefix_cache": "off in the bench's stack" if stack_cfg is not cfg else "as configured (running stack)"}
     out = report_json(reports, machine, up_time, settings)
     print()
     print(table(reports, machine, up_time))

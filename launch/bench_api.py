@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 import time
@@ -15,17 +14,13 @@ from launch.bench_stats import Stat
 PROMPT = "Count from 1 to 300, separated by commas, and say nothing else."
 
 
-_request_numbers = itertools.count(1)
-
-
-def client_prompt() -> str:
-    """A prompt that no earlier request of this process sent. Why: the worker computes a common beginning of
-    prompts once, and keeps finished requests' keys and values for prompts that begin like them
-    (launch/batching/prefix_cache.py), so a repeated prompt would measure a cache instead of a prefill; here
-    only the chat template and "Request" are common, as every request of a chat shares its template. The task
-    stays the one every model answers at length. Other questions were tried: asked "Count from 301 to 600" or
-    told a name first, SmolLM2-135M stopped after 5-25 tokens, which measures answer length instead of speed."""
-    return f"Request {next(_request_numbers)}. {PROMPT}"
+def client_prompt(i: int) -> str:
+    """Concurrent client i's prompt: no two clients send the same text (the worker computes a common
+    beginning once, so identical prompts would flatter it; here only the chat template and "Request" are
+    common), and the task stays the one every model answers at length. Other questions were tried: asked
+    "Count from 301 to 600" or told a name first, SmolLM2-135M stopped after 5-25 tokens, which measures
+    answer length instead of speed."""
+    return f"Request {i + 1}. {PROMPT}"
 
 
 @dataclass
@@ -43,12 +38,11 @@ def _client(timeout: float = 600) -> httpx.Client:
 
 
 def stream_chat(api_url: str, model: str, max_tokens: int, *, headers: dict | None = None,
-                prompt: str | None = None, client: httpx.Client | None = None) -> StreamResult:
-    """One streamed chat request (prompt: default, a new client_prompt())."""
+                prompt: str = PROMPT, client: httpx.Client | None = None) -> StreamResult:
     if client is None:
         with _client() as own:
             return stream_chat(api_url, model, max_tokens, headers=headers, prompt=prompt, client=own)
-    body = {"model": model, "messages": [{"role": "user", "content": prompt or client_prompt()}], "stream": True,
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "temperature": 0, "max_tokens": max_tokens}
     t0 = time.perf_counter()
     first = last = None
@@ -94,7 +88,7 @@ def api_decode(api_url: str, model: str, tokenizer, max_tokens: int, repeats: in
 
 def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
                headers: dict | None = None) -> tuple[float, list[StreamResult | Exception], list[int]]:
-    """Start every (model, tokenizer) job at once, each asking its own client_prompt(); returns wall time (from
+    """Start every (model, tokenizer) job at once, job i asking client_prompt(i); returns wall time (from
     the moment all clients are ready to send), results and token counts."""
     results: list[StreamResult | Exception] = [None] * len(jobs)  # type: ignore[list-item]
     start: list[float] = []
@@ -105,11 +99,10 @@ def concurrent(api_url: str, jobs: list[tuple[str, object]], max_tokens: int,
             barrier.wait()
             try:
                 results[i] = stream_chat(api_url, model, max_tokens, headers=headers, client=client,
-                                         prompt=prompts[i])
+                                         prompt=client_prompt(i))
             except Exception as e:  # reported, not raised: one failed client must not hide the rest
                 results[i] = e
 
-    prompts = [client_prompt() for _ in jobs]
     threads = [threading.Thread(target=run, args=(i, m)) for i, (m, _) in enumerate(jobs)]
     for th in threads:
         th.start()

@@ -93,6 +93,31 @@ def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, wa
     return Stat.of(rates), Stat.of(ttfts)
 
 
+@torch.inference_mode()
+def next_turn_prefill(model, first: list[int], answer: list[int], second: list[int],
+                      repeats: int) -> tuple[Stat, Stat | None, int]:
+    """A chat's second turn `second` (which repeats the first turn's prompt `first` and answer `answer`):
+    (its prefill computed whole, its prefill from the kept first turn or None, how many tokens were kept), on the
+    batching worker's prefill functions and prefix cache (launch/batching/prefix_cache.py)."""
+    from launch.batching.prefill import prefill, prefill_after
+    from launch.batching.prefix_cache import PrefixCache
+
+    cache = PrefixCache(1 << 40)
+    turn = first + answer
+    cache.put(turn, prefill(model, [turn], 0, share=False)[1])
+    hit = cache.lookup(second)
+    whole, kept = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        prefill(model, [second], 0, share=False)
+        whole.append(time.perf_counter() - t)
+        if hit:
+            t = time.perf_counter()
+            prefill_after(model, [second], hit, 0)
+            kept.append(time.perf_counter() - t)
+    return Stat.of(whole), Stat.of(kept) if kept else None, hit.tokens if hit else 0
+
+
 # Qwen-7B(-Chat)'s dimensions; Qwen2's architecture has the same blocks (qkv bias, SwiGLU, RMSNorm).
 QWEN_7B_SHAPE = {
     "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

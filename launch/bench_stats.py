@@ -73,6 +73,12 @@ class ModelReport:
     concurrency_rounds: dict[int, list[float]] = field(default_factory=dict)
     rss_bytes: int | None = None
     shared_decode_tps: Stat | None = None  # while every other worker also decodes
+    # A chat's second turn (bench_raw.next_turn_prefill): its prompt tokens, those kept from the first turn,
+    # and its prefill computed whole and from them.
+    next_turn_tokens: int | None = None
+    next_turn_kept: int | None = None
+    next_turn_whole_s: Stat | None = None
+    next_turn_kept_s: Stat | None = None
 
     @property
     def concurrency_tps(self) -> dict[int, Stat | None]:
@@ -134,6 +140,8 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
             "aggregate_tokens_per_s_per_round": {str(n): rates for n, rates in sorted(m.concurrency_rounds.items())},
             "concurrency_scaling": {str(n): _stat(s) for n, s in m.concurrency_scaling.items()},
             "shared_decode_tokens_per_s": _stat(m.shared_decode_tps),
+            "next_turn_prefill_s": {"prompt_tokens": m.next_turn_tokens, "kept_tokens": m.next_turn_kept,
+                                    "whole": _stat(m.next_turn_whole_s), "from_kept_turn": _stat(m.next_turn_kept_s)},
         }
     return out
 
@@ -166,6 +174,10 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
             lines.append("  x 1 client     " + "  ".join(
                 f"{n}: x{sc[n].fmt(2) if sc.get(n) else '-'}" for n in sorted(sc) if n != 1)
                 + "   (per round, measured side by side)")
+        if m.next_turn_whole_s is not None:
+            lines.append(f"  next turn      prefill {m.next_turn_whole_s.fmt(3)} s whole, "
+                         f"{m.next_turn_kept_s.fmt(3) if m.next_turn_kept_s else '-'} s from the kept first turn "
+                         f"({m.next_turn_tokens} tokens, {m.next_turn_kept} kept; prefix cache)")
         if m.shared_decode_tps is not None:
             lines.append(f"  all workers decoding at once: {m.shared_decode_tps.fmt()} tok/s = "
                          f"{_f(m.shared_fraction)} of solo (target >= 0.40)")

@@ -65,6 +65,8 @@ def report() -> ModelReport:
                     raw_ttft_s=Stat.of([0.1]), api_decode_tps=Stat.of([18.0, 19.0]), api_ttft_s=Stat.of([0.2]),
                     roofline_tps=44.0, rss_bytes=700_000_000, shared_decode_tps=Stat.of([9.0]))
     r.concurrency_rounds = {1: [18.0, 20.0], 2: [30.0, 34.0], 4: [54.0, 56.0], 8: [80.0, 84.0]}
+    r.next_turn_tokens, r.next_turn_kept = 120, 100
+    r.next_turn_whole_s, r.next_turn_kept_s = Stat.of([0.5, 0.7]), Stat.of([0.1])
     return r
 
 
@@ -82,11 +84,15 @@ def test_report_json_shape(report):
     assert model["concurrency_scaling"]["4"] == {"median": pytest.approx(2.9), "min": pytest.approx(2.8),
                                                  "max": pytest.approx(3.0), "n": 2}
     assert out["make_up_time_s"] == 61.0
+    assert model["next_turn_prefill_s"] == {"prompt_tokens": 120, "kept_tokens": 100,
+                                            "whole": {"median": 0.6, "min": 0.5, "max": 0.7, "n": 2},
+                                            "from_kept_turn": {"median": 0.1, "min": 0.1, "max": 0.1, "n": 1}}
 
 
 def test_table_mentions_every_figure(report):
     text = table([report], {"bandwidth_gbs": 22.0, "bandwidth_all_gbs": 25.0, "bandwidth_threads": 2, "cores": 2}, 61.0)
-    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 55.0 (54.0-56.0) tok/s", "4: x2.90 (2.80-3.00)", "0.49 of solo", "make up: 61 s"):
+    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 55.0 (54.0-56.0) tok/s", "4: x2.90 (2.80-3.00)", "0.49 of solo", "make up: 61 s",
+                   "next turn      prefill 0.600 (0.500-0.700) s whole, 0.100 s from the kept first turn (120 tokens, 100 kept"):
         assert needle in text
 
 
@@ -162,3 +168,16 @@ def test_bench_refuses_client_counts_that_are_not_positive_integers(spec, capsys
         bench.parse_args(["--clients", spec])
     assert e.value.code == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_the_bench_stack_runs_without_the_prefix_cache(tmp_path):
+    """Its rounds repeat their prompts: a prefix cache would serve them from earlier rounds (the bench times
+    what the cache saves apart, as the next turn's prefill)."""
+    from launch import bench
+    from launch.config import load_config
+
+    cfg = load_config()
+    names = [m.name for m in cfg.models]
+    stack = load_config(bench._bench_config(cfg, names, None, tmp_path / "run"))
+    assert [m.name for m in stack.models] == names and all(m.prefix_cache_mb == 0 for m in stack.models)
+    assert all(m.prefix_cache_mb > 0 for m in cfg.models)

@@ -179,3 +179,16 @@ def test_prompts_that_begin_with_the_same_kept_tokens_are_prefilled_together(mod
         assert [_run(eng, p, 16) for p in nexts] == together
     finally:
         eng.shutdown()
+
+
+def test_the_bench_times_a_next_turn_whole_and_from_the_kept_turn(model_and_tokenizer):
+    from launch.bench_raw import next_turn_prefill
+
+    model, tok = model_and_tokenizer
+    first = tok.apply_chat_template([{"role": "user", "content": "Hi there."}], add_generation_prompt=True)
+    answer = tok("Hello! How can I help you today?").input_ids
+    second = first + answer + tok("<|im_end|>\n<|im_start|>user\nTell me a joke.<|im_end|>\n").input_ids
+    whole, kept, n = next_turn_prefill(model, first, answer, second, 2)
+    assert n == len(first) + len(answer) and whole.n == kept.n == 2
+    _, kept, n = next_turn_prefill(model, first, answer, [7] + second, 1)  # nothing in common
+    assert kept is None and n == 0
