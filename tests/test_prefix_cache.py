@@ -101,31 +101,50 @@ def _wait_for(condition) -> None:
     assert condition()
 
 
-def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(model_and_tokenizer, monkeypatch):
-    """A finished request's prompt and answer are kept; the next turn, whose prompt repeats them, is prefilled
-    from them (only its new tokens run) and answers exactly as a whole prefill does, here and in the
-    logits and keys and values, bitwise (bf16, as served)."""
-    from launch.batching import engine as engine_module
+def _engine_after_a_first_turn(model, tok, question: str, n: int):
+    """An engine with a prefix cache that has answered `question` (n tokens, greedy) and kept that turn:
+    (engine, cache, the chat so far, the first turn's prompt tokens)."""
     from launch.batching.engine import BatchEngine
-    from launch.batching.prefill import prefill, prefill_after
 
-    model, tok = model_and_tokenizer
-    chat = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    chat = [{"role": "user", "content": question}]
     first = tok.apply_chat_template(chat, add_generation_prompt=True)
     cache = PrefixCache(64 << 20)
     eng = BatchEngine(model, tok, max_batch=4, context_len=2048, prefix_cache=cache).start()
     try:
-        answer = _run(eng, first, 24)
+        answer = _run(eng, first, n)
         _wait_for(lambda: len(cache) == 1)
-        chat += [{"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)},
-                 {"role": "user", "content": "And two more?"}]
-        second = tok.apply_chat_template(chat, add_generation_prompt=True)
-        computed = []
-        real = engine_module.prefill_after
-        monkeypatch.setattr(engine_module, "prefill_after",
-                            lambda m, ps, hit, pad: computed.append(hit.tokens) or real(m, ps, hit, pad))
+    except BaseException:
+        eng.shutdown()
+        raise
+    chat.append({"role": "assistant", "content": tok.decode(answer, skip_special_tokens=True)})
+    return eng, cache, chat, first
+
+
+def _prefills_from_kept_tokens(monkeypatch) -> list[tuple[int, int]]:
+    """Records (prompts, kept tokens) of every prefill the engine starts from kept keys and values."""
+    from launch.batching import engine as engine_module
+
+    calls = []
+    real = engine_module.prefill_after
+    monkeypatch.setattr(engine_module, "prefill_after",
+                        lambda m, ps, hit, pad: calls.append((len(ps), hit.tokens)) or real(m, ps, hit, pad))
+    return calls
+
+
+def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(model_and_tokenizer, monkeypatch):
+    """A finished request's prompt and answer are kept; the next turn, whose prompt repeats them, is prefilled
+    from them (only its new tokens run) and answers exactly as a whole prefill does, here and in the
+    logits and keys and values, bitwise (bf16, as served)."""
+    from launch.batching.prefill import prefill, prefill_after
+
+    model, tok = model_and_tokenizer
+    eng, cache, chat, first = _engine_after_a_first_turn(model, tok, "Name three colours of the rainbow.", 24)
+    try:
+        second = tok.apply_chat_template(chat + [{"role": "user", "content": "And two more?"}],
+                                         add_generation_prompt=True)
+        calls = _prefills_from_kept_tokens(monkeypatch)
         cached_answer = _run(eng, second, 24)
-        assert len(computed) == 1 and computed[0] >= len(first)  # the whole first turn came from the cache
+        assert len(calls) == 1 and calls[0][1] >= len(first)  # the whole first turn came from the cache
         eng.prefix_cache = None
         assert _run(eng, second, 24) == cached_answer  # prefilled whole: the same answer
     finally:
@@ -155,26 +174,14 @@ def test_a_model_whose_prompt_split_changes_its_logits_gets_no_prefix_cache(mode
 def test_prompts_that_begin_with_the_same_kept_tokens_are_prefilled_together(model_and_tokenizer, monkeypatch):
     """Two users continuing from one kept beginning (a shared system prompt and first turn) are prefilled in
     one pass over it, and each answers as it does prefilled whole and alone."""
-    from launch.batching import engine as engine_module
-    from launch.batching.engine import BatchEngine
-
     model, tok = model_and_tokenizer
-    base = [{"role": "user", "content": "Count from 1 to 5."}]
-    first = tok.apply_chat_template(base, add_generation_prompt=True)
-    cache = PrefixCache(64 << 20)
-    eng = BatchEngine(model, tok, max_batch=4, context_len=2048, prefix_cache=cache).start()
+    eng, _, chat, _ = _engine_after_a_first_turn(model, tok, "Count from 1 to 5.", 12)
     try:
-        answer = tok.decode(_run(eng, first, 12), skip_special_tokens=True)
-        _wait_for(lambda: len(cache) == 1)
-        nexts = [tok.apply_chat_template(base + [{"role": "assistant", "content": answer},
-                                                 {"role": "user", "content": q}], add_generation_prompt=True)
+        nexts = [tok.apply_chat_template(chat + [{"role": "user", "content": q}], add_generation_prompt=True)
                  for q in ("Now backwards.", "Now in French, please.")]
-        passes = []
-        real = engine_module.prefill_after
-        monkeypatch.setattr(engine_module, "prefill_after",
-                            lambda m, ps, hit, pad: passes.append(len(ps)) or real(m, ps, hit, pad))
+        calls = _prefills_from_kept_tokens(monkeypatch)
         together = _run(eng, nexts[0], 16, nexts[1])
-        assert passes == [2]
+        assert [prompts for prompts, _ in calls] == [2]
         eng.prefix_cache = None
         assert [_run(eng, p, 16) for p in nexts] == together
     finally:
