@@ -36,8 +36,10 @@ from launch.batching.prefix_cache import PrefixCache
 from launch.batching.prefix_cache import usable as prefix_cache_usable
 from launch.batching.select import build_engine, plan_for
 from launch.batching.thread import off_main_thread
+from launch.config import ModelConfig
 
-PREFIX_CACHE_MB = 256  # config.ModelConfig.prefix_cache_mb's default, for a worker started without the config
+# For a worker started without the config: the config's own default.
+PREFIX_CACHE_MB = ModelConfig.model_fields["prefix_cache_mb"].default
 
 app = FastAPI()
 worker: BatchingWorker | None = None

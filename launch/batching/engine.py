@@ -26,7 +26,7 @@ from launch.batching.cores import CoreLease
 from launch.batching.kv_cache import GrowingCache
 from launch.batching.params import GenParams, choose_token, greedy_tokens
 from launch.batching.prefill import prefill, prefill_after
-from launch.batching.prefix_cache import Hit, PrefixCache, row_layers
+from launch.batching.prefix_cache import Hit, PrefixCache, row_layers, usable
 from launch.batching.text import IncrementalText, StopText
 from launch.batching.thread import EngineThread
 
@@ -113,12 +113,8 @@ class BatchEngine(EngineThread):
         self._ready_mask = takes_ready_mask(model)
         # Finished requests' keys and values, for prompts that begin like them (only where a prompt started from
         # them gets a whole prefill's logits: prefix_cache.usable).
-        if prefix_cache is not None:
-            from launch.batching.prefix_cache import usable
-
-            why = usable(model)
-            if why:
-                raise ValueError(f"a prefix cache cannot serve this model: {why}")
+        if prefix_cache is not None and (why := usable(model)):
+            raise ValueError(f"a prefix cache cannot serve this model: {why}")
         self.prefix_cache = prefix_cache
         # Held while admitted requests move from `waiting` to `rows`, so that load(), read by the HTTP
         # thread, counts each request once (it read 7 for 4 requests when it fell between the two).
@@ -210,14 +206,9 @@ class BatchEngine(EngineThread):
         group = [self.waiting[0]]
         if len(group[0].prompt_ids) > PROMPT_QUERIES_MAX:
             return group
-        kept = self._kept_prefix(group[0])
-        n = group[0].prefix.tokens if kept else 0
+        n = group[0].prefix.tokens if self._kept_prefix(group[0]) else 0
         for req in self.waiting[1:free]:
-            if len(req.prompt_ids) > PROMPT_QUERIES_MAX:
-                break
-            # Together only with prompts that start from the same kept tokens, or from none.
-            if self._kept_prefix(req) != kept or (kept and (req.prefix.tokens != n
-                                                            or req.prompt_ids[:n] != group[0].prompt_ids[:n])):
+            if len(req.prompt_ids) > PROMPT_QUERIES_MAX or not self._starts_alike(group[0], req):
                 break
             lengths = [len(r.prompt_ids) - n for r in (*group, req)]
             padded = max(lengths) * len(lengths)
@@ -357,6 +348,14 @@ class BatchEngine(EngineThread):
             if self.prefix_cache is not None and len(req.prompt_ids) <= PROMPT_QUERIES_MAX:
                 req.prefix = self.prefix_cache.lookup(req.prompt_ids)
         return req.prefix is not None
+
+    def _starts_alike(self, first: Request, req: Request) -> bool:
+        """Whether `req` may be prefilled with `first`: neither starts from kept keys and values, or both from
+        the same kept tokens."""
+        if not self._kept_prefix(req) or not self._kept_prefix(first):
+            return not self._kept_prefix(req) and not self._kept_prefix(first)
+        n = first.prefix.tokens
+        return req.prefix.tokens == n and req.prompt_ids[:n] == first.prompt_ids[:n]
 
     def _keep_leaving_rows(self, keep: list[int]) -> None:
         """Hand the keys and values of the rows that leave the batch to the prefix cache."""
