@@ -10,8 +10,7 @@ only its own rest is prefilled (vLLM's automatic prefix caching, at the granular
 The kept values are the ones a fresh prefill would compute, bit for bit: the project's kernels compute every
 row alone (linear, norm, rotary) and a query's attention over its own keys only, in the same order whether it
 was a prompt position or a decode step (tests/test_native_kernel.py), so a prompt answered from here gets the
-same logits as one prefilled whole (tests/test_prefix_cache.py). Only models whose prefill takes a cache
-and explicit positions (engine.takes_ready_mask) use it.
+same logits as one prefilled whole (tests/test_prefix_cache.py). Only where that holds (`usable`).
 
 Bounded by bytes: the least recently used entries go first; an entry is one request's tokens and, per layer,
 its keys and values [1, key heads, tokens, head dim].
@@ -23,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 # A common beginning shorter than this is computed again: starting a prompt from kept keys costs a prefill
-# pass of its own (the rest of the prompt alone, not batched with others), which a few tokens do not pay for.
+# pass apart from the prompts that start from nothing kept, which a few tokens do not pay for.
 MIN_TOKENS = 16
 
 
@@ -117,7 +116,7 @@ def usable(model) -> str | None:
     whose results do not depend on how a prompt was split. PyTorch's own kernels sum in blocks that do."""
     import torch.nn.functional as F
 
-    from launch.batching.engine import takes_ready_mask
+    from launch.batching.engine import takes_ready_mask  # here: the engine imports this module
 
     if not takes_ready_mask(model):
         return "the model builds its own attention mask (remote code, eager attention or a sliding window)"
