@@ -352,8 +352,9 @@ class BatchEngine(EngineThread):
     def _starts_alike(self, first: Request, req: Request) -> bool:
         """Whether `req` may be prefilled with `first`: neither starts from kept keys and values, or both from
         the same kept tokens."""
-        if not self._kept_prefix(req) or not self._kept_prefix(first):
-            return not self._kept_prefix(req) and not self._kept_prefix(first)
+        kept_first, kept_req = self._kept_prefix(first), self._kept_prefix(req)
+        if not (kept_first and kept_req):
+            return kept_first == kept_req
         n = first.prefix.tokens
         return req.prefix.tokens == n and req.prompt_ids[:n] == first.prompt_ids[:n]
 
