@@ -4,7 +4,9 @@ lazily, by the first test that asks for `stack`; every stack test shares it to k
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,17 @@ from tests.stackutil import Stack, free_ports_config, stack_for
 
 os.environ.setdefault("no_proxy", "localhost,127.0.0.1,::1")
 # FastChat's loggers write <name>.log into $LOGDIR (default: the cwd) as soon as a module is imported.
-os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="cpu-arena-test-logs-"))
+if "LOGDIR" not in os.environ:
+    _OWN_LOGDIR = tempfile.mkdtemp(prefix="cpu-arena-test-logs-")
+    os.environ["LOGDIR"] = _OWN_LOGDIR
+else:
+    _OWN_LOGDIR = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Every run made one; they piled up in /tmp. Kept when a test failed and something was logged.
+    if _OWN_LOGDIR and (exitstatus == 0 or not any(f.stat().st_size for f in Path(_OWN_LOGDIR).iterdir())):
+        shutil.rmtree(_OWN_LOGDIR, ignore_errors=True)
 
 
 def _models_present() -> bool:

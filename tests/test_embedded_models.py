@@ -3,6 +3,7 @@ real converted checkpoints (marked slow; they exist after `make setup`)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import zipfile
@@ -206,6 +207,22 @@ def test_failed_conversion_leaves_nothing(split_model, tmp_path, monkeypatch):
     monkeypatch.setattr(em, "convert_checkpoint", broken)
     with pytest.raises(RuntimeError, match="blew up"):
         em.ensure_embedded_models(tmp_path / "models", cache_dir=cache, sources=[source], log=lambda s: None)
+    assert leftovers(tmp_path / "models") == []
+
+
+def test_full_disk_is_a_clear_error_that_leaves_nothing(split_model, tmp_path, monkeypatch):
+    source, cache, _ = split_model
+
+    def no_space(source, gguf_path, out_dir, log=print):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(em, "convert_checkpoint", no_space)
+    with pytest.raises(em.EmbeddedModelError) as err:
+        em.ensure_embedded_models(tmp_path / "models", cache_dir=cache, sources=[source], log=lambda s: None)
+    msg = str(err.value)
+    assert "Fake-Split" in msg and "no space left" in msg and str(tmp_path / "models") in msg
+    assert em.MODELS_DIR_ENV in msg  # says how to put the models elsewhere
     assert leftovers(tmp_path / "models") == []
 
 

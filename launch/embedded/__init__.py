@@ -20,6 +20,8 @@ everything in place takes well under a second.
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +76,25 @@ def ensure_model(source: ModelSource, models_dir: Path, cache_dir: Path, log: Lo
     if checkpoint_is_valid(final, source):
         log(f"[{source.name}] up to date: {final}")
         return final
+    try:
+        return _build(source, models_dir, cache_dir, final, log)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # The staging directory is gone by now; say where the space ran out and how to get it.
+        free = shutil.disk_usage(models_dir).free / 1e9
+        raise EmbeddedModelError(
+            f"[{source.name}] no space left on the device of {models_dir} ({free:.1f} GB free after cleaning up): "
+            f"the conversion needs about {NEEDED_BYTES_PER_GGUF_BYTE} x the GGUF's size there while it runs. "
+            f"Free some space, or set {MODELS_DIR_ENV} to a directory on a larger disk. ({e})"
+        ) from e
+
+
+# A run holds the GGUF (1x) and writes bf16 weights, up to 16/4.5 = 3.6x a 4-bit GGUF: say "about 5x".
+NEEDED_BYTES_PER_GGUF_BYTE = 5
+
+
+def _build(source: ModelSource, models_dir: Path, cache_dir: Path, final: Path, log: Log) -> Path:
     timings: dict[str, float] = {}
     with staging_dir(models_dir, source.name) as staging:
         t0 = time.monotonic()
