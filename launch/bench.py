@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from launch.bench_stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
@@ -47,21 +48,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None,
                    help="write the JSON report here (default run/bench/bench-<time>.json; the plot next to it)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 16 tokens, 1 repeat, 1 and 2 clients (default: 48 tokens, 3 repeats, 1,2,4,8)")
+                   help="smoke run: 16 tokens, 1 repeat and round, 1 and 2 clients "
+                        "(default: 48 tokens, 3 repeats, 5 rounds of 1,2,4,8)")
     p.add_argument("--worker", choices=("batching", "fastchat"), default=None,
                    help="serve every model with this worker in a stack the bench starts (default: as configured)")
     p.add_argument("--models", default=None,
                    help="comma-separated subset of the configured models (default: all)")
     p.add_argument("--shape", choices=("qwen-7b",), default=None,
                    help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="repeats per measurement (rounds over every client count for the concurrency figures); "
-                        "medians are reported, min-max as noise (default 3, quick 1)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="rounds over every client count for the concurrency figures (default 5, quick 1)")
     p.add_argument("--clients", type=client_counts, default=None,
                    help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return p.parse_args(argv)
+
+
+def positive_int(spec: str) -> int:
+    """--tokens, --repeats, --rounds: 0 or less would measure nothing."""
+    if not spec.strip().isdigit() or int(spec) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give a positive integer")
+    return int(spec)
 
 
 def client_counts(spec: str) -> tuple[int, ...]:
@@ -288,14 +298,33 @@ def plot(reports: list[ModelReport], path: Path) -> None:
     print(f"plot: {path}")
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How much a served-model bench measures (the --quick, --tokens, --repeats, --rounds, --clients options)."""
+
+    tokens: int
+    repeats: int
+    rounds: int
+    clients: tuple[int, ...]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Plan:
+        return cls(
+            tokens=args.tokens or (16 if args.quick else 48),
+            repeats=args.repeats or (1 if args.quick else 3),
+            # More rounds than repeats: a round's ratio is off when the VM's memory speed switches between
+            # its 1-client and N-client runs (either way: too high or too low); a median needs most rounds clean.
+            rounds=args.rounds or (1 if args.quick else 5),
+            clients=args.clients or ((1, 2) if args.quick else CLIENTS),
+        )
+
+
 def main(cfg: ArenaConfig, argv: list[str]) -> int:
     args = parse_args(argv)
     if args.shape:
         return run_shape(args)
     names = selected_models(cfg, args.models)
-    tokens = args.tokens or (16 if args.quick else 48)
-    repeats = args.repeats or (1 if args.quick else 3)
-    clients = args.clients or ((1, 2) if args.quick else CLIENTS)
+    plan = Plan.of(args)
     headers = {"Authorization": f"Bearer {cfg.server.resolved_api_keys()[0]}"} if cfg.server.resolved_api_keys() else {}
 
     # The stack: the running one for this config, else our own on free ports.
@@ -317,17 +346,19 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
         print(f"using the running stack of {cfg.source}; `make up` time is not measured (stack already up); "
               "its workers' prefix caches serve the repeated prompts of later rounds from earlier ones")
     try:
-        return _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time)
+        return _measure(args, cfg, stack_cfg, names, plan, headers, up_time)
     finally:
         if tmp is not None:
             _launch(stack_cfg.source, "down", timeout=180)
 
 
-def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_time) -> int:
+def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
     from launch.bench_api import aggregate_rounds, api_decode, shared_decode
     from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
+
+    tokens, repeats, rounds, clients = plan.tokens, plan.repeats, plan.rounds, plan.clients
 
     state = read_state(stack_cfg.run_dir())
     worker_pids = {s.model: s.pid for s in state.services.values() if s.model} if state else {}
@@ -361,7 +392,7 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
             r.next_turn_tokens, r.next_turn_kept, r.next_turn_whole_s, r.next_turn_kept_s = turn
         r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
         r.concurrency_rounds = aggregate_rounds(
-            api, name, tok, clients, tokens, repeats, headers,
+            api, name, tok, clients, tokens, rounds, headers,
             progress=lambda c, name=name: print(f"[{name}] {c} concurrent client(s) ...", flush=True))
         reports.append(r)
     if len(names) > 1:
@@ -371,7 +402,7 @@ def _measure(args, cfg, stack_cfg, names, tokens, repeats, clients, headers, up_
             r.shared_decode_tps = shared.get(r.name)
     # Other processes on the same cores skew every number: keep the load next to them.
     machine["loadavg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
-    settings = {"tokens": tokens, "repeats": repeats, "clients": list(clients), "config": str(cfg.source),
+    settings = {**asdict(plan), "clients": list(clients), "config": str(cfg.source),
                 "stack_config": str(stack_cfg.source),
                 "prefix_cache": "off in the bench's stack" if stack_cfg is not cfg else "as configured (running stack)"}
     out = report_json(reports, machine, up_time, settings)

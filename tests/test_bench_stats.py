@@ -159,6 +159,27 @@ def test_bench_names_an_unknown_model_and_the_configured_ones():
         bench.selected_models(cfg, ",")
 
 
+def test_bench_plan_defaults_quick_and_explicit():
+    from launch import bench
+
+    plan = bench.Plan.of(bench.parse_args([]))
+    assert (plan.tokens, plan.repeats, plan.rounds, plan.clients) == (48, 3, 5, (1, 2, 4, 8))
+    assert bench.Plan.of(bench.parse_args(["--quick"])) == bench.Plan(16, 1, 1, (1, 2))
+    given = bench.parse_args(["--quick", "--tokens", "9", "--repeats", "2", "--rounds", "7", "--clients", "1,3"])
+    assert bench.Plan.of(given) == bench.Plan(9, 2, 7, (1, 3))
+
+
+@pytest.mark.parametrize("option", ["--tokens", "--repeats", "--rounds"])
+@pytest.mark.parametrize("spec", ["0", "-2", "x"])
+def test_bench_refuses_counts_that_are_not_positive(option, spec, capsys):
+    from launch import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args([option, spec])
+    assert e.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("spec", ["1,x", "0,2", ""])
 def test_bench_refuses_client_counts_that_are_not_positive_integers(spec, capsys):
     from launch import bench
