@@ -356,7 +356,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
     from launch.bench_api import aggregate_rounds, api_decode, shared_decode
-    from launch.bench_raw import bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
+    from launch.bench_raw import bandwidth_bytes_per_s, bandwidth_samples, param_bytes, probe_name, raw_decode, threads
 
     tokens, repeats, rounds, clients = plan.tokens, plan.repeats, plan.rounds, plan.clients
 
@@ -379,18 +379,25 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
         total, emb, tied = param_bytes(model)
         per_token = weight_bytes_per_token(total, emb, tied)
         ids = _prompt_ids(cfg, name, tok)
+        # The roofline of this model's batch-1 figures: probes right before, between and after them. One probe
+        # at the start served the second model minutes later, in another memory phase (fractions above 1).
+        around = bandwidth_samples(n_threads, repeats=3)
         with threads(n_threads):
             # Same thread count and wait policy as the worker gets, so API/raw compares serving cost only.
             raw_rate, raw_ttft = raw_decode(model, ids, tokens, repeats)
             turn = _next_turn(cfg, name, model, tok, ids, tokens, repeats) if m.worker == "batching" else None
         del model
+        around += bandwidth_samples(n_threads, repeats=3)
         r = ModelReport(name=name, worker=m.worker, dtype=resolve_dtype(m.dtype), threads=n_threads,
                         weights_bytes=total, bytes_per_token=per_token, raw_decode_tps=raw_rate, raw_ttft_s=raw_ttft,
-                        roofline_tps=roofline_tokens_per_s(bw.median, per_token), rss_bytes=_rss(worker_pids.get(name)))
+                        rss_bytes=_rss(worker_pids.get(name)))
         print(f"[{name}] API streaming ...", flush=True)
         if turn:
             r.next_turn_tokens, r.next_turn_kept, r.next_turn_whole_s, r.next_turn_kept_s = turn
         r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
+        around += bandwidth_samples(n_threads, repeats=3)
+        r.bandwidth = Stat.of(around)
+        r.roofline_tps = roofline_tokens_per_s(r.bandwidth.median, per_token)
         r.concurrency_rounds = aggregate_rounds(
             api, name, tok, clients, tokens, rounds, headers,
             progress=lambda c, name=name: print(f"[{name}] {c} concurrent client(s) ...", flush=True))

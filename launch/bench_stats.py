@@ -22,6 +22,10 @@ class Stat:
             return None
         return cls(statistics.median(vals), min(vals), max(vals), len(vals))
 
+    def scaled(self, factor: float) -> Stat:
+        """The same figures in other units (bytes/s -> GB/s)."""
+        return Stat(self.median * factor, self.min * factor, self.max * factor, self.n)
+
     def fmt(self, digits: int = 1) -> str:
         if self.n == 1:
             return f"{self.median:.{digits}f}"
@@ -68,7 +72,8 @@ class ModelReport:
     raw_ttft_s: Stat | None = None
     api_decode_tps: Stat | None = None
     api_ttft_s: Stat | None = None
-    roofline_tps: float | None = None
+    roofline_tps: float | None = None  # from `bandwidth`
+    bandwidth: Stat | None = None  # bytes/s read by the probe right around this model's batch-1 figures
     # Aggregate tokens/s per client count, one value per round (bench_api.aggregate_rounds).
     concurrency_rounds: dict[int, list[float]] = field(default_factory=dict)
     rss_bytes: int | None = None
@@ -136,6 +141,7 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
             "raw_decode_tokens_per_s": _stat(m.raw_decode_tps), "raw_ttft_s": _stat(m.raw_ttft_s),
             "api_decode_tokens_per_s": _stat(m.api_decode_tps), "api_ttft_s": _stat(m.api_ttft_s),
             "roofline_tokens_per_s": m.roofline_tps,
+            "bandwidth_gbs": _stat(m.bandwidth and m.bandwidth.scaled(1e-9)),
             "aggregate_tokens_per_s": {str(n): _stat(s) for n, s in m.concurrency_tps.items()},
             "aggregate_tokens_per_s_per_round": {str(n): rates for n, rates in sorted(m.concurrency_rounds.items())},
             "concurrency_scaling": {str(n): _stat(s) for n, s in m.concurrency_scaling.items()},
@@ -152,7 +158,7 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
 
 def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> str:
     lines = [
-        f"memory bandwidth: {machine.get('bandwidth_gbs', 0):.1f} GB/s at {machine.get('bandwidth_threads')} thread(s) "
+        f"memory bandwidth at the start: {machine.get('bandwidth_gbs', 0):.1f} GB/s at {machine.get('bandwidth_threads')} thread(s) "
         f"({machine.get('bandwidth_all_gbs', 0):.1f} GB/s at {machine.get('cores')})   make up: {_f(up_time_s, '{:.0f} s')}",
     ]
     for m in models:
@@ -165,7 +171,8 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
             f"TTFT {m.raw_ttft_s.fmt(3) if m.raw_ttft_s else '-'} s",
             f"  API streaming  decode {m.api_decode_tps.fmt() if m.api_decode_tps else '-'} tok/s   "
             f"TTFT {m.api_ttft_s.fmt(3) if m.api_ttft_s else '-'} s   API/raw {_f(m.api_vs_raw)}",
-            f"  roofline       {_f(m.roofline_tps, '{:.1f}')} tok/s ({m.bytes_per_token / 1e6:.0f} MB/token)   "
+            f"  roofline       {_f(m.roofline_tps, '{:.1f}')} tok/s ({m.bytes_per_token / 1e6:.0f} MB/token"
+            + (f" at {m.bandwidth.scaled(1e-9).fmt(1)} GB/s, read around these runs" if m.bandwidth else "") + ")   "
             f"batch-1 fraction: raw {_f(m.roofline_fraction)}, served {_f(m.served_roofline_fraction)}",
         ]
         if m.concurrency_tps:

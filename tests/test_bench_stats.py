@@ -63,7 +63,8 @@ def report() -> ModelReport:
     r = ModelReport(name="m", worker="batching", dtype="float32", threads=2, weights_bytes=540_000_000,
                     bytes_per_token=540_000_000, raw_decode_tps=Stat.of([20.0, 22.0, 24.0]),
                     raw_ttft_s=Stat.of([0.1]), api_decode_tps=Stat.of([18.0, 19.0]), api_ttft_s=Stat.of([0.2]),
-                    roofline_tps=44.0, rss_bytes=700_000_000, shared_decode_tps=Stat.of([9.0]))
+                    roofline_tps=44.0, bandwidth=Stat.of([21e9, 23.76e9, 25e9]), rss_bytes=700_000_000,
+                    shared_decode_tps=Stat.of([9.0]))
     r.concurrency_rounds = {1: [18.0, 20.0], 2: [30.0, 34.0], 4: [54.0, 56.0], 8: [80.0, 84.0]}
     r.next_turn_tokens, r.next_turn_kept = 120, 100
     r.next_turn_whole_s, r.next_turn_kept_s = Stat.of([0.5, 0.7]), Stat.of([0.1])
@@ -80,6 +81,8 @@ def test_report_json_shape(report):
     model = out["models"]["m"]
     assert model["raw_decode_tokens_per_s"] == {"median": 22.0, "min": 20.0, "max": 24.0, "n": 3}
     assert model["rss_over_weights"] == pytest.approx(700 / 540)
+    assert model["bandwidth_gbs"] == {"median": pytest.approx(23.76), "min": pytest.approx(21.0),
+                                      "max": pytest.approx(25.0), "n": 3}
     assert model["aggregate_tokens_per_s_per_round"]["4"] == [54.0, 56.0]
     assert model["concurrency_scaling"]["4"] == {"median": pytest.approx(2.9), "min": pytest.approx(2.8),
                                                  "max": pytest.approx(3.0), "n": 2}
@@ -91,7 +94,7 @@ def test_report_json_shape(report):
 
 def test_table_mentions_every_figure(report):
     text = table([report], {"bandwidth_gbs": 22.0, "bandwidth_all_gbs": 25.0, "bandwidth_threads": 2, "cores": 2}, 61.0)
-    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "4: 55.0 (54.0-56.0) tok/s", "4: x2.90 (2.80-3.00)", "0.49 of solo", "make up: 61 s",
+    for needle in ("22.0 (20.0-24.0)", "API/raw 0.84", "raw 0.50, served 0.42", "at 23.8 (21.0-25.0) GB/s, read around these runs", "4: 55.0 (54.0-56.0) tok/s", "4: x2.90 (2.80-3.00)", "0.49 of solo", "make up: 61 s",
                    "next turn      prefill 0.600 (0.500-0.700) s whole, 0.100 s from the kept first turn (120 tokens, 100 kept"):
         assert needle in text
 
