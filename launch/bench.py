@@ -230,7 +230,7 @@ def run_shape(args: argparse.Namespace) -> int:
     # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
     # ~300 ms step here at 80 tokens (launch/batching/kv_cache.py).
     raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
-    rates, ttfts, bws, fractions = [], [], [], []
+    rates, ttfts, bws, fractions, against_fastest = [], [], [], [], []
     for _ in range(repeats):
         around = bandwidth_samples(n, repeats=3)
         rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=GrowingCache)
@@ -240,19 +240,24 @@ def run_shape(args: argparse.Namespace) -> int:
         ttfts.append(ttft.median)
         bws += around
         fractions.append(rate.median / roofline_tokens_per_s(here, per_token))
+        # The stricter reading: a roofline is a ceiling, and the fastest probe around a repeat is the most the
+        # memory was seen to give then. The median is the target's figure; both are reported.
+        against_fastest.append(rate.median / roofline_tokens_per_s(max(around), per_token))
     rate, ttft, bw, fraction = Stat.of(rates), Stat.of(ttfts), Stat.of(bws), Stat.of(fractions)
+    strict = Stat.of(against_fastest)
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
     out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
            "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
            "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_per_repeat": fractions,
+           "roofline_fraction_against_fastest_probe": strict.__dict__,
            "decode_tokens_per_s_per_repeat": rates,
            "batch4_aggregate_tokens_per_s": rate4.__dict__}
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
           f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
           f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {fraction.fmt(2)} of the roofline "
-          f"(each repeat against the bandwidth measured around it); "
+          f"(each repeat against the median of the probes around it; {strict.fmt(2)} against the fastest of them); "
           f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
     _write_json(args, out)
     return 0

@@ -142,6 +142,9 @@ def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, mo
     for fraction, rate, bw in zip(out["roofline_fraction_per_repeat"], out["decode_tokens_per_s_per_repeat"],
                                   (3.5e9, 9.5e9), strict=True):
         assert fraction == pytest.approx(rate / roofline_tokens_per_s(bw, per_token))
+    fastest = [rate / roofline_tokens_per_s(bw, per_token)
+               for rate, bw in zip(out["decode_tokens_per_s_per_repeat"], (6e9, 12e9), strict=True)]
+    assert out["roofline_fraction_against_fastest_probe"]["median"] == pytest.approx(sum(fastest) / 2)
     assert out["bandwidth_gbs"] == pytest.approx(6.5)  # median of all twelve probes
     assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(sum(out["roofline_fraction_per_repeat"]) / 2)
     assert out["batch4_aggregate_tokens_per_s"]["median"] > 0
