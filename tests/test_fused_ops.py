@@ -230,6 +230,10 @@ def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_
     assert all(isinstance(each, fused_ops.FusedDecoderLayer) for each in model.model.layers)
     assert isinstance(layer.self_attn.o_proj, fused_ops.DeferredProjection)
     assert type(op_by_op.model.layers[0]) is not fused_ops.FusedDecoderLayer
+    assert all(each._direct for each in model.model.layers)  # the attention runs inlined
+    inlined = []
+    monkeypatch.setattr(fused_ops.FusedDecoderLayer, "_direct_forward",
+                        lambda self, *a, _run=fused_ops.FusedDecoderLayer._direct_forward, **kw: inlined.append(1) or _run(self, *a, **kw))
     ids = torch.tensor([[5, 17, 42, 7, 99], [0, 0, 250, 8, 1]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # a left-padded row: the worker's batched prompts
     with torch.inference_mode():
@@ -237,6 +241,7 @@ def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_
                            op_by_op(input_ids=ids, attention_mask=mask).logits)
         kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
         assert torch.equal(model.generate(ids, **kw), op_by_op.generate(ids, **kw))
+    assert len(inlined) == 2 * (1 + 6)  # two layers: the forward, then generate: its prompt and five decode steps
     x = torch.randn(2, 3, 128).to(torch.bfloat16).requires_grad_()
     position = model.model.rotary_emb(x, torch.arange(3).repeat(2, 1))
     with torch.inference_mode():
