@@ -210,10 +210,7 @@ class FusedDecoderLayer(nn.Module):
         hidden = hidden_states.shape[-1]
         if hidden_states.numel() and hidden_states.dtype == torch.bfloat16 \
                 and _plain(hidden_states, attn, self.post_attention_layernorm.weight):
-            out = self.kernel.mlp_block(hidden_states.reshape(-1, hidden).contiguous(),
-                                        attn.reshape(-1, attn.shape[-1]).contiguous(), self._o,
-                                        self.post_attention_layernorm.weight,
-                                        self.post_attention_layernorm.variance_epsilon, self._gate_up, self._down)
+            out = self._block(hidden_states.reshape(-1, hidden).contiguous(), attn.reshape(-1, attn.shape[-1]).contiguous())
             return out.view(hidden_states.shape)
         h = hidden_states + self.o_proj(attn)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -247,10 +244,12 @@ class FusedDecoderLayer(nn.Module):
             kwargs["sliding_window"] = a.sliding_window
         attn, _ = attend(a, q, k, v, attention_mask, dropout=0.0 if not a.training else a.attention_dropout,
                          scaling=a.scaling, **kwargs)
+        return self._block(x, attn.reshape(x.shape[0], -1).contiguous()).view(shape)
+
+    def _block(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x + o_proj(attn), then its post-attention norm and MLP added: one mlp_block call on [rows, ...] inputs."""
         post = self.post_attention_layernorm
-        out = kernel.mlp_block(x, attn.reshape(x.shape[0], -1).contiguous(), self._o, post.weight,
-                               post.variance_epsilon, self._gate_up, self._down)
-        return out.view(shape)
+        return self.kernel.mlp_block(x, attn, self._o, post.weight, post.variance_epsilon, self._gate_up, self._down)
 
 
 def install(model: nn.Module, kernel) -> int:
