@@ -71,6 +71,10 @@ __all__ = [
 ]
 
 
+# A run holds the GGUF (1x) and writes bf16 weights, up to 16/4.5 = 3.6x a 4-bit GGUF: say "about 5x".
+NEEDED_BYTES_PER_GGUF_BYTE = 5
+
+
 def ensure_model(source: ModelSource, models_dir: Path, cache_dir: Path, log: Log = print) -> Path:
     final = models_dir / source.name
     if checkpoint_is_valid(final, source):
@@ -88,10 +92,6 @@ def ensure_model(source: ModelSource, models_dir: Path, cache_dir: Path, log: Lo
             f"the conversion needs about {NEEDED_BYTES_PER_GGUF_BYTE} x the GGUF's size there while it runs. "
             f"Free some space, or set {MODELS_DIR_ENV} to a directory on a larger disk. ({e})"
         ) from e
-
-
-# A run holds the GGUF (1x) and writes bf16 weights, up to 16/4.5 = 3.6x a 4-bit GGUF: say "about 5x".
-NEEDED_BYTES_PER_GGUF_BYTE = 5
 
 
 def _build(source: ModelSource, models_dir: Path, cache_dir: Path, final: Path, log: Log) -> Path:
