@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -210,7 +209,7 @@ def run_shape(args: argparse.Namespace) -> int:
     from launch.batching.hugepages import collapse_model
     from launch.batching.kernels import linear_backend, prepack_linears
     from launch.batching.kv_cache import GrowingCache
-    from launch.bench_raw import bandwidth_samples, build_shape_model, param_bytes, probe_name, raw_decode
+    from launch.bench_raw import ReadProbe, build_shape_model, param_bytes, probe_name, probed_decode, raw_decode
 
     n = cpu_count()
     torch.set_num_threads(n)
@@ -224,41 +223,42 @@ def run_shape(args: argparse.Namespace) -> int:
     kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
+    tokens = max(tokens, 2)  # a probed run needs two tokens to time one step between probes
     ids = torch.randint(0, 1000, (1, 64))
-    # This VM's bandwidth drifts by tens of percent within minutes, so every decode repeat is paired
-    # with probes right before and after it, and the fraction is the median of the pairs.
+    probe = ReadProbe(n)
     # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
     # ~300 ms step here at 80 tokens (launch/batching/kv_cache.py).
     raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
-    rates, ttfts, bws, fractions, against_fastest = [], [], [], [], []
+    rates, ttfts, steps, readings = [], [], [], []
     for _ in range(repeats):
-        around = bandwidth_samples(n, repeats=3)
         rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=GrowingCache)
-        around += bandwidth_samples(n, repeats=3)
-        here = statistics.median(around)
         rates.append(rate.median)
         ttfts.append(ttft.median)
-        bws += around
-        fractions.append(rate.median / roofline_tokens_per_s(here, per_token))
-        # The stricter reading: a roofline is a ceiling, and the fastest probe around a repeat is the most the
-        # memory was seen to give then. The median is the target's figure; both are reported.
-        against_fastest.append(rate.median / roofline_tokens_per_s(max(around), per_token))
-    rate, ttft, bw, fraction = Stat.of(rates), Stat.of(ttfts), Stat.of(bws), Stat.of(fractions)
-    strict = Stat.of(against_fastest)
+        # The roofline next to each step: this VM's bandwidth switches bands within seconds (probed_decode).
+        run = probed_decode(model, ids, tokens, probe, cache=GrowingCache)
+        steps += run
+        readings += [s.before for s in run] + [run[-1].after]
+    rate, ttft = Stat.of(rates), Stat.of(ttfts)
+    # Each step's bytes/s against the probe read right before it (the target's figure), and the stricter
+    # reading: a roofline is a ceiling, so against the faster of the probes before and after it.
+    fraction = Stat.of([per_token / s.step_s / s.before for s in steps])
+    strict = Stat.of([per_token / s.step_s / max(s.before, s.after) for s in steps])
+    bw = Stat.of(readings)
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
     out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
            "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
            "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
-           "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_per_repeat": fractions,
-           "roofline_fraction_against_fastest_probe": strict.__dict__,
+           "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_noise": [fraction.min, fraction.max],
+           "roofline_fraction_against_faster_probe": strict.__dict__,
+           "probed_steps": [{"step_s": s.step_s, "before_gbs": s.before / 1e9, "after_gbs": s.after / 1e9} for s in steps],
            "decode_tokens_per_s_per_repeat": rates,
            "batch4_aggregate_tokens_per_s": rate4.__dict__}
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
           f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
-          f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s = {fraction.fmt(2)} of the roofline "
-          f"(each repeat against the median of the probes around it; {strict.fmt(2)} against the fastest of them); "
-          f"64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
+          f"roofline {roof:.2f} tok/s; batch 1 decode {rate.fmt(2)} tok/s; {fraction.fmt(2)} of the roofline "
+          f"({len(steps)} steps, each against the probe read right before it; {strict.fmt(2)} against the faster of "
+          f"the probes before and after it); 64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
     _write_json(args, out)
     return 0
 

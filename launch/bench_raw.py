@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -30,23 +32,32 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
 
 
 def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[float]:
-    from launch.batching.hugepages import collapse
-    from launch.batching.native import native_kernel
+    probe = ReadProbe(n_threads, mb)
+    return [probe() for _ in range(repeats)]
 
-    x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
-    # On 2 MB pages where the kernel allows, like the served weights (hugepages.py): the memory's
-    # limit, not the TLB's (4 kB pages read ~12% slower here).
-    collapse([x])
-    native = native_kernel()[0]
-    read = native.read_probe if native is not None else torch.sum  # see read_probe.c for why
-    with threads(n_threads):
-        read(x)  # warm: page faults and thread pool start
-        rates = []
-        for _ in range(repeats):
+
+class ReadProbe:
+    """A large fp32 array (larger than any cache), allocated once; each call reads it end to end and
+    returns the bytes per second it took."""
+
+    def __init__(self, n_threads: int, mb: int = 512):
+        from launch.batching.hugepages import collapse
+        from launch.batching.native import native_kernel
+
+        self.n_threads = n_threads
+        self.x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
+        # On 2 MB pages where the kernel allows, like the served weights (hugepages.py): the memory's
+        # limit, not the TLB's (4 kB pages read ~12% slower here).
+        collapse([self.x])
+        native = native_kernel()[0]
+        self._read = native.read_probe if native is not None else torch.sum  # see read_probe.c for why
+        self()  # warm: page faults and thread pool start
+
+    def __call__(self) -> float:
+        with threads(self.n_threads):
             t = time.perf_counter()
-            read(x)
-            rates.append(x.numel() * 4 / (time.perf_counter() - t))
-    return rates
+            self._read(self.x)
+            return self.x.numel() * 4 / (time.perf_counter() - t)
 
 
 def probe_name() -> str:
@@ -91,6 +102,45 @@ def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, wa
         ttfts.append(t1)
         rates.append(input_ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9))
     return Stat.of(rates), Stat.of(ttfts)
+
+
+@dataclass(frozen=True)
+class ProbedStep:
+    """One decode step of `probed_decode` and the memory bandwidth read right before and right after it."""
+
+    step_s: float
+    before: float  # bytes/s
+    after: float
+
+
+@torch.inference_mode()
+def probed_decode(model, input_ids: torch.Tensor, new_tokens: int, probe: Callable[[], float],
+                  cache: Callable[[], object] | None = None) -> list[ProbedStep]:
+    """A greedy `generate` of `new_tokens` tokens that reads the memory bandwidth (`probe`) between every two
+    decode steps: new_tokens - 1 steps, each with the readings right before and after it.
+
+    Why: this VM's memory bandwidth switches between bands (~30 and ~55 GB/s) within seconds, so a roofline
+    read before and after a whole run of tokens may belong to another band than the tokens themselves; a
+    probe next to each step is read within ~10 ms of it. A step is the time between two probes: the forward
+    pass and generate's own work around it (as raw_decode counts it), not the probe.
+    """
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Probe(LogitsProcessor):  # called once per generated token, after its forward pass
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float, float]] = []  # (start, end, bytes/s)
+
+        def __call__(self, ids, scores):
+            start = time.perf_counter()
+            rate = probe()
+            self.marks.append((start, time.perf_counter(), rate))
+            return scores
+
+    hook = Probe()
+    model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(input_ids), logits_processor=LogitsProcessorList([hook]),
+                   **({"past_key_values": cache()} if cache else {}))
+    return [ProbedStep(b[0] - a[1], a[2], b[2]) for a, b in pairwise(hook.marks)]
 
 
 @torch.inference_mode()

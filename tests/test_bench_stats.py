@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -99,9 +100,10 @@ def test_table_mentions_every_figure(report):
         assert needle in text
 
 
-def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, monkeypatch):
+def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, monkeypatch):
     """run_shape end to end on a tiny bf16 stand-in (the real one needs 16 GB and minutes)."""
     import itertools
+    import statistics
 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -114,12 +116,21 @@ def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, mo
                              num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=False)
         return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
 
-    # The probe reads 1, 2, 3... GB/s in turn: each repeat must be judged against its own neighbours.
+    # The probe reads 1, 2, 3... GB/s in turn, and takes 50 ms: each step must be judged against its own
+    # neighbours, and timed without them.
     speeds = itertools.count(1)
+
+    class Probe:
+        def __init__(self, n_threads, mb=512):
+            pass
+
+        def __call__(self):
+            time.sleep(0.05)
+            return next(speeds) * 1e9
+
     monkeypatch.setattr(bench_raw, "build_shape_model", tiny)
-    monkeypatch.setattr(bench_raw, "bandwidth_samples",
-                        lambda n, mb=512, repeats=5: [next(speeds) * 1e9 for _ in range(repeats)])
-    # Decoded with the worker's KV cache, a new one for every generate (2 to warm up, 2 per repeat, 3 at batch 4).
+    monkeypatch.setattr(bench_raw, "ReadProbe", Probe)
+    # Decoded with the worker's KV cache, a new one for every generate (2 to warm up, 3 per repeat, 3 at batch 4).
     from launch.batching import kv_cache
 
     made = []
@@ -134,19 +145,20 @@ def test_shape_bench_pairs_each_repeat_with_the_bandwidth_around_it(tmp_path, mo
     args = bench.parse_args(["--shape", "qwen-7b", "--tokens", "3", "--repeats", "2", "--json", str(out_path),
                              "--no-plot"])
     assert bench.run_shape(args) == 0
-    assert len(made) == 9 and len({id(c) for c in made}) == 9 and made[-1].get_seq_length() > 0
+    assert len(made) == 11 and len({id(c) for c in made}) == 11 and made[-1].get_seq_length() > 0
     out = json.loads(out_path.read_text())
     per_token = out["bytes_read_per_token"]
-    assert len(out["roofline_fraction_per_repeat"]) == 2
-    # Repeat 1 sat between probes reading 1..6 GB/s (median 3.5), repeat 2 between 7..12 (9.5).
-    for fraction, rate, bw in zip(out["roofline_fraction_per_repeat"], out["decode_tokens_per_s_per_repeat"],
-                                  (3.5e9, 9.5e9), strict=True):
-        assert fraction == pytest.approx(rate / roofline_tokens_per_s(bw, per_token))
-    fastest = [rate / roofline_tokens_per_s(bw, per_token)
-               for rate, bw in zip(out["decode_tokens_per_s_per_repeat"], (6e9, 12e9), strict=True)]
-    assert out["roofline_fraction_against_fastest_probe"]["median"] == pytest.approx(sum(fastest) / 2)
-    assert out["bandwidth_gbs"] == pytest.approx(6.5)  # median of all twelve probes
-    assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(sum(out["roofline_fraction_per_repeat"]) / 2)
+    steps = out["probed_steps"]
+    # 3 tokens: 3 probes and 2 steps between them, per repeat.
+    assert [(s["before_gbs"], s["after_gbs"]) for s in steps] == [(1, 2), (2, 3), (4, 5), (5, 6)]
+    assert all(0 < s["step_s"] < 0.05 for s in steps)
+    fractions = [per_token / s["step_s"] / (s["before_gbs"] * 1e9) for s in steps]
+    assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(statistics.median(fractions))
+    assert out["roofline_fraction_noise"] == pytest.approx([min(fractions), max(fractions)])
+    faster = [per_token / s["step_s"] / (s["after_gbs"] * 1e9) for s in steps]
+    assert out["roofline_fraction_against_faster_probe"]["median"] == pytest.approx(statistics.median(faster))
+    assert out["bandwidth_gbs"] == pytest.approx(3.5)  # median of all six readings
+    assert len(out["decode_tokens_per_s_per_repeat"]) == 2
     assert out["batch4_aggregate_tokens_per_s"]["median"] > 0
 
 
