@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
     p.add_argument("--rounds", type=positive_int, default=None,
-                   help="rounds over every client count for the concurrency figures (default 5, quick 1)")
+                   help="rounds over every client count for the concurrency figures (default 9, quick 1)")
     p.add_argument("--clients", type=client_counts, default=None,
                    help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -319,7 +319,8 @@ class Plan:
             repeats=args.repeats or (1 if args.quick else 3),
             # More rounds than repeats: a round's ratio is off when the VM's memory speed switches between
             # its 1-client and N-client runs (either way: too high or too low); a median needs most rounds clean.
-            rounds=args.rounds or (1 if args.quick else 5),
+            # 5 rounds left it to 2 or 3 such rounds twice in session 16 (SmolLM2 x2.98, Qwen2.5 x2.55).
+            rounds=args.rounds or (1 if args.quick else 9),
             clients=args.clients or ((1, 2) if args.quick else CLIENTS),
         )
 
@@ -361,7 +362,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
     from launch.bench_api import aggregate_rounds, api_decode, shared_decode
-    from launch.bench_raw import bandwidth_bytes_per_s, bandwidth_samples, param_bytes, probe_name, raw_decode, threads
+    from launch.bench_raw import ReadProbe, bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
 
     tokens, repeats, rounds, clients = plan.tokens, plan.repeats, plan.rounds, plan.clients
 
@@ -378,6 +379,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     for name in names:
         m = stack_cfg.model(name)
         n_threads = stack_cfg.threads(m)
+        probe = ReadProbe(n_threads)
         print(f"[{name}] raw generate ({n_threads} thread(s)) ...", flush=True)
         model, tok, _ = _load(cfg, name)
         tokenizers[name] = tok
@@ -386,13 +388,13 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
         ids = _prompt_ids(cfg, name, tok)
         # The roofline of this model's batch-1 figures: probes right before, between and after them. One probe
         # at the start served the second model minutes later, in another memory phase (fractions above 1).
-        around = bandwidth_samples(n_threads, repeats=3)
+        around = [probe() for _ in range(3)]
         with threads(n_threads):
             # Same thread count and wait policy as the worker gets, so API/raw compares serving cost only.
             raw_rate, raw_ttft = raw_decode(model, ids, tokens, repeats)
             turn = _next_turn(cfg, name, model, tok, ids, tokens, repeats) if m.worker == "batching" else None
         del model
-        around += bandwidth_samples(n_threads, repeats=3)
+        around += [probe() for _ in range(3)]
         r = ModelReport(name=name, worker=m.worker, dtype=resolve_dtype(m.dtype), threads=n_threads,
                         weights_bytes=total, bytes_per_token=per_token, raw_decode_tps=raw_rate, raw_ttft_s=raw_ttft,
                         rss_bytes=_rss(worker_pids.get(name)))
@@ -400,7 +402,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
         if turn:
             r.next_turn_tokens, r.next_turn_kept, r.next_turn_whole_s, r.next_turn_kept_s = turn
         r.api_decode_tps, r.api_ttft_s = api_decode(api, name, tok, tokens, repeats, headers)
-        around += bandwidth_samples(n_threads, repeats=3)
+        around += [probe() for _ in range(3)]
         r.bandwidth = Stat.of(around)
         r.roofline_tps = roofline_tokens_per_s(r.bandwidth.median, per_token)
         r.concurrency_rounds = aggregate_rounds(
