@@ -181,7 +181,7 @@ def test_bench_plan_defaults_quick_and_explicit():
     from launch import bench
 
     plan = bench.Plan.of(bench.parse_args([]))
-    assert (plan.tokens, plan.repeats, plan.rounds, plan.clients) == (48, 3, 5, (1, 2, 4, 8))
+    assert (plan.tokens, plan.repeats, plan.rounds, plan.clients) == (48, 3, 9, (1, 2, 4, 8))
     assert bench.Plan.of(bench.parse_args(["--quick"])) == bench.Plan(16, 1, 1, (1, 2))
     given = bench.parse_args(["--quick", "--tokens", "9", "--repeats", "2", "--rounds", "7", "--clients", "1,3"])
     assert bench.Plan.of(given) == bench.Plan(9, 2, 7, (1, 3))
