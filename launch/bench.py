@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -346,16 +347,25 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
         if up.returncode != 0:
             print(up.stdout, up.stderr, file=sys.stderr)
             _launch(stack_cfg.source, "down", timeout=180)
+            print(f"the bench's stack did not start; its logs: {tmp / 'run' / 'logs'}", file=sys.stderr)
             return 1
         print(f"  ready in {up_time:.0f} s", flush=True)
     else:
         print(f"using the running stack of {cfg.source}; `make up` time is not measured (stack already up); "
               "its workers' prefix caches serve the repeated prompts of later rounds from earlier ones")
+    code = 1
     try:
-        return _measure(args, cfg, stack_cfg, names, plan, headers, up_time)
+        code = _measure(args, cfg, stack_cfg, names, plan, headers, up_time)
+        return code
     finally:
         if tmp is not None:
-            _launch(stack_cfg.source, "down", timeout=180)
+            down = _launch(stack_cfg.source, "down", timeout=180)
+            # Its logs are kept only where something failed: every bench left its run folder in /tmp before
+            # (and the disk these machines share has filled up once, README "Troubleshooting").
+            if code == 0 and down.returncode == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                print(f"the bench's stack logs: {tmp / 'run' / 'logs'}", file=sys.stderr)
 
 
 def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:

@@ -220,3 +220,38 @@ def test_the_bench_stack_runs_without_the_prefix_cache(tmp_path):
     stack = load_config(bench._bench_config(cfg, names, None, tmp_path / "run"))
     assert [m.name for m in stack.models] == names and all(m.prefix_cache_mb == 0 for m in stack.models)
     assert all(m.prefix_cache_mb > 0 for m in cfg.models)
+
+
+@pytest.mark.parametrize("measured, kept", [(0, False), (1, True), (RuntimeError("a client failed"), True)])
+def test_the_bench_removes_its_own_stack_folder_unless_something_failed(monkeypatch, tmp_path, measured, kept):
+    import subprocess
+
+    from launch import bench
+    from launch.config import load_config
+
+    made = []
+
+    def mkdtemp(prefix):
+        folder = tmp_path / f"{prefix}{len(made)}"
+        folder.mkdir()
+        made.append(folder)
+        return str(folder)
+
+    def measure(*args):
+        if isinstance(measured, Exception):
+            raise measured
+        return measured
+
+    calls = []
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(bench, "_running", lambda cfg: False)
+    monkeypatch.setattr(bench, "_launch", lambda config, *args, timeout=1200: calls.append(args[0])
+                        or subprocess.CompletedProcess(args, 0, "", ""))
+    monkeypatch.setattr(bench, "_measure", measure)
+    if isinstance(measured, Exception):
+        with pytest.raises(RuntimeError):
+            bench.main(load_config(), ["--no-plot"])
+    else:
+        assert bench.main(load_config(), ["--no-plot"]) == measured
+    assert calls == ["up", "down"]
+    assert len(made) == 1 and made[0].exists() == kept
