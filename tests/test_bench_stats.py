@@ -159,6 +159,8 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
     assert out["roofline_fraction_against_faster_probe"]["median"] == pytest.approx(statistics.median(faster))
     assert out["bandwidth_gbs"] == pytest.approx(3.5)  # median of all six readings
     assert len(out["decode_tokens_per_s_per_repeat"]) == 2
+    assert out["decode_tokens_per_s_per_step"]["median"] == pytest.approx(
+        statistics.median([1 / s["step_s"] for s in steps]))
     assert out["batch4_aggregate_tokens_per_s"]["median"] > 0
 
 
