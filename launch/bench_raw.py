@@ -28,12 +28,8 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
 
     fp32 on purpose: torch's bf16 .sum() runs at ~1 GB/s here and would measure the ALU, not memory.
     """
-    return Stat.of(bandwidth_samples(n_threads, mb, repeats))
-
-
-def bandwidth_samples(n_threads: int, mb: int = 512, repeats: int = 5) -> list[float]:
     probe = ReadProbe(n_threads, mb)
-    return [probe() for _ in range(repeats)]
+    return Stat.of([probe() for _ in range(repeats)])
 
 
 class ReadProbe:
