@@ -5,9 +5,14 @@ PY     := $(VENV)/bin/python
 CONFIG ?= deploy/models.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models up down status logs check test lint download eval bench worker clean
+.PHONY: setup system models up down status logs check test lint download eval bench worker clean
 
-setup: $(STAMP) models  ## create .venv with exact pins, then fetch + convert the embedded models
+setup: system $(STAMP) models  ## system packages, .venv with exact pins, then fetch + convert the embedded models
+
+# Debian packages pip cannot provide (chromium for the browser tests, the report's CJK font, emoji font).
+# Installs what is missing when root, else prints the apt-get command and fails; instant when all are there.
+system:
+	@bash deploy/system-packages.sh
 
 $(STAMP): pyproject.toml deploy/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

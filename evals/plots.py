@@ -9,17 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
 
-# Chinese category names need a CJK font when one is installed; otherwise matplotlib draws boxes
-# (ugly but harmless), so look for one instead of requiring it.
-_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "SimHei",
-              "Source Han Sans SC", "AR PL UMing CN")
-_available = {f.name for f in font_manager.fontManager.ttflist}
-_cjk = [f for f in _CJK_FONTS if f in _available]
-if _cjk:
-    plt.rcParams["font.sans-serif"] = _cjk + list(plt.rcParams["font.sans-serif"])
-plt.rcParams["axes.unicode_minus"] = False
+# No font choice here: the report draws these inside evals.fonts.figure_style(), which selects the CJK font.
 
 
 def _png(fig) -> bytes:

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evals import plots, style
+from evals import fonts, plots, style
 from evals.judge import Judgment, pair_outcomes, read_judgments
 from evals.schema import Answer, Question
 from evals.scoring import KeypointScore, score_all
@@ -152,6 +152,13 @@ def _figures(d: ReportData) -> dict[str, bytes]:
     ok = [a for a in d.answers if a.ok]
     if not ok:
         return figs
+    # Category names are often Chinese: every figure is drawn with the project's CJK font, selected here.
+    with fonts.figure_style():
+        _draw_figures(d, ok, figs)
+    return figs
+
+
+def _draw_figures(d: ReportData, ok: list[Answer], figs: dict[str, bytes]) -> None:
     per = {m: [a for a in ok if a.model == m] for m in d.models}
     figs["speed"] = plots.distributions("Speed per model (each point is one answer)", [
         ("time to first token (s)", {m: [a.ttft_s for a in v] for m, v in per.items()}),
@@ -181,7 +188,6 @@ def _figures(d: ReportData) -> dict[str, bytes]:
              for m in d.models},
             "keypoints matched (mean)", (0, 1),
         )
-    return figs
 
 
 def _share(styles: list[style.Style], pred) -> float | None:
