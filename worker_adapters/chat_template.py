@@ -20,11 +20,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastchat.conversation import Conversation, SeparatorStyle
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
-from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
+from worker_adapters.common import CheckpointAdapter, ensure_dtype, load_tokenizer, with_stop_ids
 from worker_adapters.policy import check_remote_code, cpu_dtype
 
 CONV_NAME = "chat_template"
@@ -46,7 +46,7 @@ def _template_spec(path: Path) -> tuple[str, int, ...]:
     info = read_checkpoint(path)
     template = info.chat_template
     trust = check_remote_code(path, info.auto_map) if info.auto_map else False
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    tok = load_tokenizer(path, info, trust_remote_code=trust)
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     # FastChat's generate_stream tokenizes the prompt with special tokens added; if the tokenizer
     # adds BOS itself and the template writes it too, the model would see two BOS tokens.
@@ -135,7 +135,7 @@ class ChatTemplateAdapter(CheckpointAdapter):
         info = read_checkpoint(model_path)
         trust = check_remote_code(model_path, info.auto_map)
         dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+        tokenizer = load_tokenizer(model_path, info, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(
             model_path, torch_dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=trust
         ).eval()

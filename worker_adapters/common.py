@@ -1,11 +1,14 @@
-"""Pieces shared by the adapters: their base class, stop-id merging around a generate function, dtype check."""
+"""Pieces shared by the adapters: their base class, tokenizer loading, stop-id merging around a generate function,
+dtype check."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from fastchat.model.model_adapter import BaseModelAdapter
+from transformers import AutoTokenizer
 
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 
@@ -20,6 +23,35 @@ class CheckpointAdapter(BaseModelAdapter):
     def match(self, model_path: str) -> bool:
         info = read_checkpoint(model_path)
         return info is not None and self.match_checkpoint(info)
+
+
+# The model types whose (tekken) tokenizer.json may carry the wrong pre-tokenizer regex transformers warns about;
+# the same list transformers 4.57.6 checks in PreTrainedTokenizerBase._patch_mistral_regex.
+MISTRAL_MODEL_TYPES = frozenset({"mistral", "mistral3", "voxtral", "ministral", "pixtral"})
+
+
+def load_tokenizer(path: str | Path, info: CheckpointInfo, *, trust_remote_code: bool):
+    """AutoTokenizer for a checkpoint, without transformers 4.57.6's false "incorrect regex pattern" warning.
+
+    Why it is false: for a local folder whose fast tokenizer has more than 100k base tokens and a
+    pre-tokenizer, transformers reads config.json and, unless `transformers_version` is <= 4.57.2 (with a
+    non-Mistral `model_type`) or >= 5.0.0, assumes a Mistral tokenizer with a broken regex; in between it
+    looks at neither `model_type` nor the regex. So every such checkpoint saved by 4.57.3+ is flagged, e.g.
+    the embedded Qwen2.5-Coder (151k tokens, converted with 4.57.6). The bug it means is Mistral's: some
+    tekken tokenizer.json files shipped a Llama-3-style split, and `fix_mistral_regex=True` swaps in
+    tekken's case-splitting regex. That would be wrong for Qwen2, whose split (launch/embedded/convert.py's
+    _QWEN2_SPLIT, the one in upstream Qwen2's tokenizer.json and llama.cpp's "qwen2") is already right.
+    Passing the flag explicitly is transformers' documented way to say "checked": with False the tokenizer
+    stays exactly as saved. Only for non-Mistral model types (later transformers releases skip those too),
+    so a real Mistral checkpoint still gets the warning.
+
+    Done here rather than in the converted checkpoint: the only checkpoint-side way past the check is a
+    false `transformers_version` in config.json.
+    """
+    kwargs = {}
+    if info.model_type and info.model_type not in MISTRAL_MODEL_TYPES:
+        kwargs["fix_mistral_regex"] = False
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
 
 
 def with_stop_ids(generate: Callable, stop_ids: Iterable[int]) -> Callable:
