@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import threading
 import uuid
@@ -37,19 +38,19 @@ from launch.batching.prefix_cache import usable as prefix_cache_usable
 from launch.batching.select import build_engine, plan_for
 from launch.batching.thread import off_main_thread
 from launch.config import ModelConfig
+from launch.fastchat_patches.worker_errors import error_chunk, exception_text
 
 # For a worker started without the config: the config's own default.
 PREFIX_CACHE_MB = ModelConfig.model_fields["prefix_cache_mb"].default
 
 app = FastAPI()
 worker: BatchingWorker | None = None
+log = logging.getLogger("batching")
 
 
 def _chunk_json(c: Chunk) -> dict:
-    from fastchat.constants import SERVER_ERROR_MSG, ErrorCode
-
-    if c.error:
-        return {"text": f"{SERVER_ERROR_MSG}\n\n({c.error})", "error_code": int(ErrorCode.INTERNAL_ERROR)}
+    if c.error:  # the exception's class and message, as the patched stock worker answers (not FastChat's UI line)
+        return error_chunk(c.error)
     out = {
         "text": c.text,
         "error_code": 0,
@@ -174,11 +175,18 @@ def _mailbox() -> _Mailbox:
     return _mailboxes[loop]
 
 
-async def _stream(params: GenParams):
+async def _stream(raw: dict):
     """Yield Chunk objects for one request; cancels the request if the client goes away."""
     box = _mailbox()
     q: asyncio.Queue[Chunk] = asyncio.Queue()
-    req = worker.engine.submit(params, lambda c: box.post(q, c))
+    try:
+        req = worker.engine.submit(worker.params(raw), lambda c: box.post(q, c))
+    except Exception as e:
+        # Parameters or a prompt the tokenizer refuses: an error chunk like an engine error. Raised here it
+        # would cut a stream whose headers are sent, and the API server would take the worker for dead.
+        log.exception("request refused before generation")
+        yield Chunk("", 0, 0, None, exception_text(e))
+        return
     try:
         while True:
             c = latest(await q.get(), q)
@@ -219,10 +227,9 @@ async def api_generate_stream(request: Request):
     if (busy := _overloaded(stream=True)) is not None:
         return busy
     worker.call_ct += 1
-    params = worker.params(raw)
 
     async def body():
-        async for c in _stream(params):
+        async for c in _stream(raw):
             yield json.dumps(_chunk_json(c)).encode() + b"\0"
 
     return StreamingResponse(body())
@@ -235,7 +242,7 @@ async def api_generate(request: Request):
         return busy
     worker.call_ct += 1
     last = None
-    async for c in _stream(worker.params(raw)):
+    async for c in _stream(raw):
         last = c
     return JSONResponse(_chunk_json(last))
 

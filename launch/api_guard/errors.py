@@ -62,6 +62,7 @@ _FASTCHAT: dict[int, tuple[int, str, str]] = {
     42901: (429, "rate_limit_error", "rate_limit_exceeded"),
     42902: (429, "rate_limit_error", "insufficient_quota"),
     42903: (429, "rate_limit_error", "engine_overloaded"),
+    50001: (500, "server_error", "internal_error"),               # INTERNAL_ERROR: the worker's exception
     50005: (503, "service_unavailable", "model_unavailable"),     # CONTROLLER_NO_WORKER
     50006: (503, "service_unavailable", "model_unavailable"),     # CONTROLLER_WORKER_TIMEOUT
 }
@@ -69,8 +70,29 @@ _FASTCHAT: dict[int, tuple[int, str, str]] = {
 
 def from_fastchat(code: int, message: str) -> ApiError:
     status, type_, name = _FASTCHAT.get(int(code), (500, "server_error", "internal_error"))
+    message = _without_ui_line(message or "")
+    if not message and status == 500:
+        message = f"the model worker failed (FastChat error code {code}) without saying why; see the worker's log"
     return ApiError(status, message or "internal error", type_, name,
                     retry_after=RETRY_AFTER_S if status in (429, 503) else None)
+
+
+def _without_ui_line(text: str) -> str:
+    """A worker's error text without FastChat's line for web UI users.
+
+    FastChat's workers answer a failed generation `f"{SERVER_ERROR_MSG}\n\n({exception message})"`, and
+    SERVER_ERROR_MSG is "NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.",
+    which is neither true nor useful to an API client. Our workers no longer send it
+    (launch/fastchat_patches/worker_errors.py); a worker on another host without the patch still may.
+    """
+    from fastchat.constants import SERVER_ERROR_MSG
+
+    if SERVER_ERROR_MSG not in text:
+        return text
+    rest = text.replace(SERVER_ERROR_MSG, "").strip()
+    if rest.startswith("(") and rest.endswith(")"):
+        rest = rest[1:-1].strip()
+    return f"the model worker failed while generating: {rest}" if rest else ""
 
 
 def stream_event(err: ApiError, fastchat_code: int = 50006) -> dict:

@@ -26,6 +26,8 @@ PATCHES: tuple[str, ...] = (
     "api_keys",
     "api_metrics",
     "api_stream_client",
+    # The stock worker's side of api_errors' 500s: the exception, not FastChat's "NETWORK ERROR" line.
+    "worker_errors",
     "controller_fast_removal",
     "durable_ui_logs",
 )

@@ -10,6 +10,9 @@ a chunk the openai client cannot recognise as an error. This patch, on the impor
   not registered);
 - turns controller/worker connection failures into 503 (and tells the controller to drop a worker
   it cannot reach), and a broken worker stream into an `{"error": ...}` event;
+- answers a worker's failed generation (error_code INTERNAL_ERROR) with a 500 server_error that
+  carries the worker's text ("<ExceptionClass>: <message>", launch/fastchat_patches/worker_errors.py),
+  streamed or not, instead of FastChat's "NETWORK ERROR DUE TO HIGH TRAFFIC" line;
 - renders validation errors, HTTPException (401 from check_api_key) and any other exception in
   OpenAI's shape, never a bare 500 page.
 """

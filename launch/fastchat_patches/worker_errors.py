@@ -1,0 +1,70 @@
+"""A worker's failed generation reaches the client as the exception it was, with a traceback in its log.
+
+fschat 0.2.36's ModelWorker.generate_stream_gate catches only ValueError and RuntimeError, logs
+nothing, and answers `SERVER_ERROR_MSG + "\\n\\n(<message>)"`: the API client reads "NETWORK ERROR
+DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE." and the message without its class.
+Any other exception escapes the generator: a stream breaks off mid-answer (the API server then
+takes the worker for dead and has the controller drop it), /worker_generate answers a bare 500,
+and in both cases the worker's concurrency semaphore is never released.
+
+This patch replaces generate_stream_gate (generate_gate drains it, so both endpoints are covered):
+every exception is logged with its traceback and answered with one chunk
+`{"text": worker_error_text(...), "error_code": INTERNAL_ERROR}`. The project's batching worker
+(launch/batching_worker.py) answers its engines' errors with the same text, and the API server
+maps INTERNAL_ERROR to a 500 server_error carrying it (launch/api_guard/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+from types import ModuleType
+
+from launch.api_guard.on_import import when_imported
+
+UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/model_worker.py#L104-L144"
+MODULE = "fastchat.serve.model_worker"
+INTERNAL_ERROR = 50001  # fastchat.constants.ErrorCode.INTERNAL_ERROR
+
+
+def exception_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def worker_error_text(error: str) -> str:
+    """What a worker answers for a generation that raised `error` ("ValueError: boom")."""
+    return f"the model worker failed while generating: {error} (the traceback is in the worker's log)"
+
+
+def error_chunk(error: str) -> dict:
+    return {"text": worker_error_text(error), "error_code": INTERNAL_ERROR}
+
+
+def _patch(mod: ModuleType) -> None:
+    cls = mod.ModelWorker
+    if getattr(cls, "_cpu_arena_worker_errors", False):
+        return
+    cls._cpu_arena_worker_errors = True
+
+    # Upstream's body without its NPU device switch (workers here run on CPU) and with one handler
+    # for every exception.
+    def generate_stream_gate(self, params):
+        self.call_ct += 1
+        try:
+            if self.seed is not None:
+                mod.set_seed(self.seed)
+            for output in self.generate_stream_func(self.model, self.tokenizer, params, self.device,
+                                                    self.context_len, self.stream_interval):
+                ret = {"text": output["text"], "error_code": 0}
+                for key in ("usage", "finish_reason", "logprobs"):
+                    if key in output:
+                        ret[key] = output[key]
+                yield json.dumps(ret).encode() + b"\0"
+        except Exception as e:  # reported to this request only; the worker keeps serving
+            mod.logger.exception("generation failed")
+            yield json.dumps(error_chunk(exception_text(e))).encode() + b"\0"
+
+    cls.generate_stream_gate = generate_stream_gate
+
+
+def apply() -> None:
+    when_imported(MODULE, _patch)
