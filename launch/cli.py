@@ -28,6 +28,9 @@ def _tail(path: str | Path | None, lines: int = 30) -> str:
 def cmd_check(cfg: ArenaConfig, args) -> int:
     cfg.check_paths()
     cfg.check_exposure()
+    from launch.memory_check import enforce
+
+    enforce(cfg, skip=getattr(args, "skip_memory_check", False))
     from launch.supervisor import port_problems
 
     problems = port_problems(cfg)
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=None, help="config file (default deploy/models.toml)")
+        if name in ("check", "up"):
+            p.add_argument("--skip-memory-check", action="store_true",
+                           help="start even when the models' weights plus overhead exceed the memory available")
         if name == "logs":
             p.add_argument("-n", "--lines", type=int, default=40)
             p.add_argument("-f", "--follow", action="store_true")

@@ -56,6 +56,9 @@ class ServerConfig(_Strict):
     # Restart a crashed worker, waiting backoff_initial * 2**n seconds (capped) between tries.
     restart_backoff_initial: float = Field(1.0, gt=0)
     restart_backoff_max: float = Field(30.0, gt=0)
+    # `check`/`up` refuse models whose weights plus overhead exceed the memory available
+    # (launch/memory_check.py); true skips that, like `--skip-memory-check`.
+    skip_memory_check: bool = False
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         env = os.environ.get(self.api_keys_env, "")
