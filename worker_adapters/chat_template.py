@@ -22,7 +22,7 @@ from pathlib import Path
 from fastchat.conversation import Conversation, SeparatorStyle
 from transformers import AutoModelForCausalLM
 
-from worker_adapters import adapter
+from worker_adapters import adapter, message_text
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 from worker_adapters.common import CheckpointAdapter, ensure_dtype, load_tokenizer, with_stop_ids
 from worker_adapters.policy import check_remote_code, cpu_dtype
@@ -68,8 +68,12 @@ def _template_spec(path: Path) -> tuple[str, int, ...]:
         if tok.eos_token and tok.eos_token not in markers:
             markers.append(tok.eos_token)
     stop_ids = list(dict.fromkeys(stop_ids))
+    # Every control-token string the tokenizer would parse inside a prompt: message text containing
+    # one is marked, so it is tokenized as text (message_text.py).
+    control = sorted({t.content for t in tok.added_tokens_decoder.values() if t.special} | set(special.values()))
     payload = json.dumps(
-        {"chat_template": template, "special_tokens": special, "strip_bos": strip_bos, "stop_str": markers},
+        {"chat_template": template, "special_tokens": special, "strip_bos": strip_bos, "stop_str": markers,
+         "control_tokens": control},
         ensure_ascii=False,
     )
     return (payload, *stop_ids)
@@ -90,11 +94,16 @@ def conversation_for(path: Path) -> Conversation:
     )
 
 
-def to_messages(conv: Conversation) -> tuple[list[dict], bool]:
-    """FastChat's (role, message) list as chat messages; True when the last turn awaits the model."""
+def to_messages(conv: Conversation, markers=None) -> tuple[list[dict], bool]:
+    """FastChat's (role, message) list as chat messages; True when the last turn awaits the model.
+    markers: control-token pattern; message text containing one is marked (message_text.mark)."""
+
+    def text(content: str) -> str:
+        return message_text.mark(content, markers) if markers is not None else content
+
     messages = []
     if conv.system_message:
-        messages.append({"role": "system", "content": conv.system_message})
+        messages.append({"role": "system", "content": text(conv.system_message)})
     pending = False
     for role, msg in conv.messages[conv.offset:]:
         if msg is None:
@@ -102,7 +111,7 @@ def to_messages(conv: Conversation) -> tuple[list[dict], bool]:
             continue
         if isinstance(msg, tuple):  # (text, images): text only, these models are not multimodal
             msg = msg[0]
-        messages.append({"role": "user" if role == conv.roles[0] else "assistant", "content": msg})
+        messages.append({"role": "user" if role == conv.roles[0] else "assistant", "content": text(msg)})
     return messages, pending
 
 
@@ -110,7 +119,7 @@ def render_prompt(conv: Conversation) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
     spec = json.loads(conv.system_template)
-    messages, pending = to_messages(conv)
+    messages, pending = to_messages(conv, message_text.markers_pattern(spec.get("control_tokens") or ()))
     rendered, _ = render_jinja_template(
         conversations=[messages],
         chat_template=spec["chat_template"],
@@ -135,7 +144,7 @@ class ChatTemplateAdapter(CheckpointAdapter):
         info = read_checkpoint(model_path)
         trust = check_remote_code(model_path, info.auto_map)
         dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
-        tokenizer = load_tokenizer(model_path, info, trust_remote_code=trust)
+        tokenizer = message_text.keep_message_text(load_tokenizer(model_path, info, trust_remote_code=trust))
         model = AutoModelForCausalLM.from_pretrained(
             model_path, torch_dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=trust
         ).eval()

@@ -12,13 +12,11 @@ worker's non-streaming path consumes the same generator, so both paths stop the 
 
 from __future__ import annotations
 
-import re
-
 import torch
 from fastchat.conversation import Conversation, get_conv_template
 from transformers import AutoModel, AutoTokenizer
 
-from worker_adapters import adapter
+from worker_adapters import adapter, message_text
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 from worker_adapters.common import CheckpointAdapter, ensure_dtype
 from worker_adapters.policy import check_remote_code, cpu_dtype
@@ -27,7 +25,9 @@ from worker_adapters.shims import apply_tokenizer_shims
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 STOP_TOKENS = ("<|user|>", "<|observation|>")
 EOS_ID = 2
-_ROLE_RE = re.compile("|".join(re.escape(t) for t in ROLE_TOKENS))
+_ROLE_RE = message_text.markers_pattern(ROLE_TOKENS)
+# build_chat_input encodes message text with sentencepiece alone: a role token typed in a message is text.
+message_text.register_conversation("chatglm3", _ROLE_RE)
 
 
 def is_chatglm3(info: CheckpointInfo) -> bool:
@@ -43,14 +43,27 @@ def is_chatglm3(info: CheckpointInfo) -> bool:
 
 
 def parse_prompt(prompt: str) -> list[dict]:
-    """The `chatglm3` template's text back into messages (role token, newline, content)."""
-    marks = list(_ROLE_RE.finditer(prompt))
-    messages = []
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(prompt)
-        content = prompt[m.end():end]
-        content = content[1:] if content.startswith("\n") else content
-        messages.append({"role": m.group(0)[2:-2], "content": content})
+    """The `chatglm3` template's text back into messages (role token, newline, content). Only the
+    template's role tokens start a message: a role token inside marked message text is text."""
+    messages: list[dict] = []
+    for is_text, piece in message_text.pieces(prompt):
+        if is_text:
+            if not messages:
+                messages.append({"role": "user", "content": ""})
+            messages[-1]["content"] += piece
+            continue
+        pos = 0
+        for m in _ROLE_RE.finditer(piece):
+            if messages:
+                messages[-1]["content"] += piece[pos:m.start()]
+            messages.append({"role": m.group(0)[2:-2], "content": ""})
+            pos = m.end()
+        if messages:
+            messages[-1]["content"] += piece[pos:]
+        elif piece:
+            messages.append({"role": "user", "content": piece})
+    for msg in messages:
+        msg["content"] = msg["content"][1:] if msg["content"].startswith("\n") else msg["content"]
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()  # the trailing "<|assistant|>" generation prompt
     if not messages:

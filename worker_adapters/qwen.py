@@ -9,6 +9,8 @@ only; Qwen2.x is "qwen2" and goes to the chat-template adapter).
 
 from __future__ import annotations
 
+import re
+
 import torch
 from fastchat.conversation import Conversation, get_conv_template
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -16,9 +18,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
+from worker_adapters.message_text import keep_message_text, register_conversation
 from worker_adapters.policy import check_remote_code, cpu_dtype
+from worker_adapters.shims import apply_import_shims
 
 CHATML_STOP_IDS = (151643, 151644, 151645)  # <|endoftext|>, <|im_start|>, <|im_end|>
+# Every control-token string of qwen.tiktoken's tokenizer: make_context encodes message text with
+# allowed_special=set(), so none of these typed in a message may become a control token.
+CONTROL_TOKENS = re.compile(r"<\|(?:endoftext|im_start|im_end|extra_\d+)\|>")
+# make_context encodes every message's content on its own: marking it always gives its ids exactly.
+register_conversation("qwen-7b-chat", CONTROL_TOKENS, always=True)
 
 
 def set_precision_flags(config, dtype: torch.dtype) -> None:
@@ -35,6 +44,7 @@ class QwenChatAdapter(CheckpointAdapter):
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)
         check_remote_code(model_path, info.auto_map or {"AutoModelForCausalLM": "modeling_qwen"})
+        apply_import_shims()
         dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
         set_precision_flags(config, dtype)
@@ -43,7 +53,7 @@ class QwenChatAdapter(CheckpointAdapter):
         model = AutoModelForCausalLM.from_pretrained(
             model_path, config=config, torch_dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=True
         ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+        tokenizer = keep_message_text(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True))
         return ensure_dtype(model, dtype), tokenizer
 
     def get_default_conv_template(self, model_path: str) -> Conversation:

@@ -8,7 +8,9 @@
    name (ChatGLM -> generate_stream_chatglm, which passes no stop ids: lm-sys/FastChat#2726,
    #3421). An adapter with `generate_stream_function()` supplies its own.
 3. `Conversation.get_prompt`: conversations named chat_template.CONV_NAME are rendered by the
-   tokenizer's template (see chat_template.py for why this is routed by name).
+   tokenizer's template (see chat_template.py for why this is routed by name), and in the conversations
+   our adapters serve, message text is marked so that the worker tokenizes it as text
+   (worker_adapters/message_text.py: a typed `<|im_end|>` must not become a control token).
 """
 
 from __future__ import annotations
@@ -73,11 +75,12 @@ def _install_get_prompt() -> None:
     original = Conversation.get_prompt
 
     def get_prompt(self) -> str:
+        from worker_adapters import message_text
         from worker_adapters.chat_template import CONV_NAME, render_prompt
 
         if self.name == CONV_NAME:
             return render_prompt(self)
-        return original(self)
+        return original(message_text.marked_copy(self))
 
     get_prompt._cpu_arena = True
     Conversation.get_prompt = get_prompt
