@@ -12,6 +12,46 @@ from __future__ import annotations
 import inspect
 
 PAD_PADDING_SIDE = "https://github.com/zai-org/ChatGLM3/issues/1324"
+STREAM_GENERATOR_IMPORT = "https://github.com/LowinLi/transformers-stream-generator/issues/15"
+
+
+def stream_generator_import_broken() -> bool:
+    """True when `import transformers_stream_generator` fails for want of transformers' top-level
+    BeamSearchScorer (transformers 4.56 stopped exporting it, huggingface/transformers#40495; the class still exists)."""
+    import importlib
+
+    try:
+        importlib.import_module("transformers_stream_generator")
+    except ImportError as e:
+        return "BeamSearchScorer" in str(e)
+    return False
+
+
+def fix_stream_generator_import() -> bool:
+    """Qwen-7B-Chat's modeling_qwen.py imports transformers_stream_generator (inside its chat_stream
+    helper, which the project never calls), and transformers checks every import of remote code
+    before loading it: with the pinned 0.0.5 failing on `from transformers import BeamSearchScorer`,
+    the model cannot load at all. The classes it names still live in transformers.generation; making
+    them importable from the top level again lets the published package import unchanged."""
+    if not stream_generator_import_broken():
+        return False
+    import sys
+
+    import transformers
+    from transformers.generation import beam_constraints, beam_search
+
+    for name, owner in (("BeamSearchScorer", beam_search), ("ConstrainedBeamSearchScorer", beam_search),
+                        ("DisjunctiveConstraint", beam_constraints), ("PhrasalConstraint", beam_constraints)):
+        if not hasattr(transformers, name):
+            setattr(transformers, name, getattr(owner, name))
+    for mod in [m for m in sys.modules if m.startswith("transformers_stream_generator")]:
+        del sys.modules[mod]  # the failed import left nothing usable behind
+    return True
+
+
+def apply_import_shims() -> list[str]:
+    """Shims that must be in place before remote code is loaded; returns the issues answered."""
+    return [STREAM_GENERATOR_IMPORT] if fix_stream_generator_import() else []
 
 
 def pad_lacks_padding_side(tokenizer) -> bool:

@@ -21,11 +21,15 @@ class EnginePlan:
     generate: Callable
     # The model's own stop ids (the adapter's), applied to every request on the batching engine.
     stop_ids: tuple[int, ...] = ()
+    # Why a model fed tokenizer(prompt) still runs one request at a time: what it did not accept.
+    refused: str = ""
 
     def describe(self) -> str:
         name = getattr(self.generate, "__name__", repr(self.generate))
         if self.kind == "batching":
             return f"continuous batching (stop ids {list(self.stop_ids)})"
+        if self.refused:
+            return f"one request at a time through {name}: the batching engine cannot drive it ({self.refused})"
         return f"one request at a time through the adapter's {name} (it cannot be batched)"
 
 
@@ -35,9 +39,47 @@ def plan_for(model, model_path: str) -> EnginePlan:
 
     # Looked up on the module: the adapter_dispatch patch replaces it there.
     fn = ma.get_generate_stream_function(model, model_path)
-    if getattr(fn, "wrapped", fn) is generate_stream:
-        return EnginePlan("batching", fn, tuple(int(i) for i in getattr(fn, "stop_ids", ())))
-    return EnginePlan("serial", fn)
+    if getattr(fn, "wrapped", fn) is not generate_stream:
+        return EnginePlan("serial", fn)
+    refused = batching_refusal(model)
+    if refused:
+        return EnginePlan("serial", fn, refused=refused)
+    return EnginePlan("batching", fn, tuple(int(i) for i in getattr(fn, "stop_ids", ())))
+
+
+PROBE_TOKENS = 3  # a length no model dimension is likely to share, so the cache's sequence axis is unambiguous
+
+
+def batching_refusal(model) -> str:
+    """Why the batching engine cannot drive this model, or "" when it can. Decided by what the model
+    accepts: the engine calls forward with `logits_to_keep` and reads the returned cache (a transformers
+    Cache, or legacy per-layer (key, value) pairs) as [batch, heads, sequence, dim]. Remote code written
+    for older transformers (Qwen-7B-Chat's QWenLMHeadModel: no logits_to_keep, keys as [batch, sequence,
+    heads, dim]) fails one of these; FastChat's generate_stream, on the serial engine, still serves it."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" not in params:
+        return f"{type(model).__name__}.forward takes no logits_to_keep"
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.zeros(1, PROBE_TOKENS, dtype=torch.long), use_cache=True, logits_to_keep=1)
+    except Exception as e:  # noqa: BLE001 - any failure of the engine's call is a reason to stay serial
+        return f"a forward as the engine calls it raised {type(e).__name__}: {e}"
+    from launch.batching.prefill import legacy
+
+    try:
+        layers = legacy(out.past_key_values)
+        key = layers[0][0]
+    except Exception as e:  # noqa: BLE001
+        return f"its cache cannot be read as per-layer keys and values ({type(e).__name__}: {e})"
+    if out.logits.shape[1] != 1:
+        return f"logits_to_keep=1 returned {out.logits.shape[1]} positions"
+    if key.dim() != 4 or key.shape[0] != 1 or key.shape[2] != PROBE_TOKENS:
+        return f"its cache keys have shape {tuple(key.shape)}, not [batch, heads, sequence, dim]"
+    return ""
 
 
 def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None,
