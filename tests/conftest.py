@@ -55,3 +55,14 @@ def assert_stopped(st: Stack) -> None:
     if pid_alive(state.supervisor_pid):
         left.append("supervisor")
     assert not left, f"processes left after down: {left}"
+
+
+@pytest.fixture(scope="session")
+def lab_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight ChatGLM3-6B and Qwen-7B-Chat checkpoints built from the published files, laid out
+    as ModelScope downloads them (skipped with the reason where the files are absent; CI fails instead)."""
+    from tests.fixtures.seed_models import build_chatglm3, build_qwen
+
+    root = tmp_path_factory.mktemp("modelscope")
+    return {"chatglm3-6b": build_chatglm3(root / "ZhipuAI" / "chatglm3-6b"),
+            "qwen-7b-chat": build_qwen(root / "qwen" / "Qwen-7B-Chat")}
