@@ -1,5 +1,6 @@
-"""worker_adapters on fixture checkpoints (no real weights): detection, prompts, stops, dtype,
-remote-code gate, UI resolution by name."""
+"""worker_adapters: registration, ModelScope folder names, UI resolution by name, chat-template models (a tiny
+Llama with SmolLM2's template), and what the ChatGLM3-6B fixture built from its published files shows here beyond
+tests/test_lab_models.py (the non-streaming path, a requested fp32, the template's stop ids)."""
 from __future__ import annotations
 
 import json
@@ -10,42 +11,29 @@ from fastchat.model import model_adapter as ma
 
 import worker_adapters
 from launch.fastchat_patches import adapter_dispatch as hooks
-from tests.fixtures.checkpoints import make_chat_template_model, make_chatglm3, make_qwen, write_arena_config
+from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
 from worker_adapters.chat_template import CONV_NAME, ChatTemplateAdapter
-from worker_adapters.chatglm3 import ChatGLM3Adapter, build_input_ids, generate_stream_chatglm3
-from worker_adapters.policy import RemoteCodeNotAllowed
-from worker_adapters.qwen import QwenChatAdapter
-from worker_adapters.shims import PAD_PADDING_SIDE, pad_lacks_padding_side
+from worker_adapters.chatglm3 import ChatGLM3Adapter, _clean, build_input_ids, generate_stream_chatglm3
 
-USER, OBS, ASSISTANT, SYSTEM, GMASK, SOP = 64795, 64797, 64796, 64794, 64790, 64792
-
-
-def ids(text: str) -> list[int]:  # the fixture ChatGLM tokenizer is character-level: ord + 3
-    return [ord(c) + 3 for c in text]
+GLM = "chatglm3-6b"
+USER, OBS = 64795, 64797
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    script = ids("Hi") + [USER] + ids("fake turn")
-    return {
-        "glm": make_chatglm3(root / "data" / "m1", script=script),
-        "qwen": make_qwen(root / "cache" / "qwen" / "Qwen-7B-Chat"),
-        # ModelScope stores Qwen2.5 as Qwen2___5
-        "smol": make_chat_template_model(root / "cache" / "Qwen" / "Qwen2___5-Coder-0___5B-Instruct"),
-        "misnamed_qwen": make_qwen(root / "models" / "chatglm3-6b"),
-    }
+    # ModelScope stores Qwen2.5 as Qwen2___5
+    return {"smol": make_chat_template_model(root / "cache" / "Qwen" / "Qwen2___5-Coder-0___5B-Instruct")}
 
 
 @pytest.fixture
 def arena(ckpts, tmp_path, monkeypatch):
-    """A config allowing remote code for glm and qwen, set as CPU_ARENA_CONFIG."""
-    def make(trust: bool = True):
-        cfg = write_arena_config(tmp_path / "arena.toml", [
-            {"name": "glm", "path": str(ckpts["glm"]), "dtype": "bfloat16", "trust_remote_code": trust},
-            {"name": "qwen7", "path": str(ckpts["qwen"]), "dtype": "bfloat16", "trust_remote_code": trust},
-            {"name": "smol", "path": str(ckpts["smol"]).replace("___", "."), "dtype": "float32"},
-        ])
+    """A config with the chat-template model (and, given lab_models, ChatGLM3-6B), set as CPU_ARENA_CONFIG."""
+    def make(lab_models: dict | None = None, glm_dtype: str = "float32"):
+        models = [{"name": "smol", "path": str(ckpts["smol"]).replace("___", "."), "dtype": "float32"}]
+        if lab_models is not None:
+            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": glm_dtype, "trust_remote_code": True})
+        cfg = write_arena_config(tmp_path / "arena.toml", models)
         monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
         monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
         worker_adapters.register_adapters()
@@ -63,127 +51,71 @@ def test_registration_is_idempotent_and_first():
     assert [type(a).__name__ for a in ma.model_adapters[:3]] == first
 
 
-def test_detection_by_content_not_folder_name(ckpts, arena):
+def test_detection_finds_a_modelscope_folder_by_its_dotted_name(ckpts, arena):
     arena()
-    assert isinstance(ma.get_model_adapter(str(ckpts["glm"])), ChatGLM3Adapter)  # /data/m1
-    assert isinstance(ma.get_model_adapter(str(ckpts["qwen"])), QwenChatAdapter)
-    # a Qwen-v1 checkpoint in a folder named like ChatGLM3: content wins over the name
-    assert isinstance(ma.get_model_adapter(str(ckpts["misnamed_qwen"])), QwenChatAdapter)
     # ModelScope layout: asked with the dotted name, stored as ___
     dotted = str(ckpts["smol"]).replace("___", ".")
     assert isinstance(ma.get_model_adapter(dotted), ChatTemplateAdapter)
-    assert ma.get_conversation_template(str(ckpts["glm"])).name == "chatglm3"
 
 
 def test_ui_resolves_template_by_model_name(arena):
     arena()
-    assert ma.get_conversation_template("glm").name == "chatglm3"
-    assert ma.get_conversation_template("qwen7").name == "qwen-7b-chat"
     assert ma.get_conversation_template("smol").name == CONV_NAME
     assert ma.get_conversation_template("unknown-model").name == "one_shot"  # FastChat's fallback
 
 
-def test_chatglm3_prompt_matches_model_card(ckpts, arena):
-    arena()
-    conv = ma.get_conversation_template("glm")
-    conv.set_system_message("You are ChatGLM3.")
-    conv.append_message(conv.roles[0], "你好")
-    conv.append_message(conv.roles[1], "Hello!")
-    conv.append_message(conv.roles[0], "Why?")
-    conv.append_message(conv.roles[1], None)
-    prompt = conv.get_prompt()
-    assert prompt == "<|system|>\nYou are ChatGLM3.<|user|>\n你好<|assistant|>\nHello!<|user|>\nWhy?<|assistant|>"
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens of the model's forward over the whole sequence each step (no stop, no cache)."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            out.append(int(torch.argmax(model(torch.tensor([ids + out])).logits[0, -1].float())))
+    return out
+
+
+def test_chatglm3_non_streaming_stops_like_streaming(lab_models, arena):
+    """FastChat's worker drains the same generator for /worker_generate: it stops on <|user|> too. The k-th
+    greedy token's output row is swapped with <|user|>'s, so the model emits <|user|> there."""
+    arena(lab_models)
+    model, tok = ChatGLM3Adapter().load_model(str(lab_models[GLM]), {})
+    # the worker picks our generate function, not FastChat's generate_stream_chatglm
+    assert ma.get_generate_stream_function(model, str(lab_models[GLM])) is generate_stream_chatglm3
+    conv = ma.get_conversation_template(GLM)
+    # the template's stop ids are the tokenizer's <|user|>, <|observation|> and eos
     assert conv.stop_token_ids == [USER, OBS, 2]
-    model, tok = ChatGLM3Adapter().load_model(str(ckpts["glm"]), {"torch_dtype": torch.bfloat16})
-    # build_chat_input's layout: [gMASK]sop, then per turn <|role|> "\n" content, then <|assistant|>
-    assert build_input_ids(tok, prompt) == (
-        [GMASK, SOP, SYSTEM] + ids("\nYou are ChatGLM3.") + [USER] + ids("\n你好")
-        + [ASSISTANT] + ids("\nHello!") + [USER] + ids("\nWhy?") + [ASSISTANT]
-    )
+    assert [tok.get_command("<|user|>"), tok.get_command("<|observation|>"), tok.eos_token_id] == [USER, OBS, 2]
+    conv.append_message(conv.roles[0], "你好")
+    conv.append_message(conv.roles[1], None)
+    params = {"prompt": conv.get_prompt(), "temperature": 0.0, "max_new_tokens": 32, "echo": False,
+              "stop_token_ids": conv.stop_token_ids}
+    first = _greedy(model, build_input_ids(tok, params["prompt"]), 6)
+    k = next(i for i, t in enumerate(first) if t not in first[:i] and i >= 2)
+    head = model.transformer.output_layer.weight
+    rows = torch.tensor([first[k], USER])
+    head.data[rows] = head.data[rows].flip(0)  # this model is loaded for this test only
+    expected = _clean(tok.decode(first[:k]))
 
+    chunks = list(generate_stream_chatglm3(model, tok, params, "cpu", 8192, stream_interval=1))
+    assert chunks[-1]["text"] == expected and chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == k
+    assert all("<|user|>" not in c["text"] for c in chunks)
 
-def test_chatglm3_pad_quirk_is_real_and_shimmed(ckpts, arena):
-    arena()
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(str(ckpts["glm"]), trust_remote_code=True)
-    if pad_lacks_padding_side(raw):  # not yet shimmed in this process
-        with pytest.raises(TypeError, match="padding_side"):
-            raw.build_chat_input("hi")
-    _, tok = ChatGLM3Adapter().load_model(str(ckpts["glm"]), {"torch_dtype": torch.float32})
-    assert not pad_lacks_padding_side(tok)
-    assert type(tok)._pad.shim_for == PAD_PADDING_SIDE
-    assert tok.build_chat_input("hi")["input_ids"][0].tolist() == [GMASK, SOP, USER] + ids("\nhi") + [ASSISTANT]
-
-
-def _glm_params(**kw):
-    return {"prompt": "<|user|>\nhello<|assistant|>", "temperature": 0.0, "max_new_tokens": 20, "echo": False, **kw}
-
-
-def test_chatglm3_stops_at_user_marker_streaming_and_not(ckpts, arena):
-    arena()
-    model, tok = ChatGLM3Adapter().load_model(str(ckpts["glm"]), {"torch_dtype": torch.float32})
-    # The worker picks our generate function, not FastChat's generate_stream_chatglm
-    assert ma.get_generate_stream_function(model, str(ckpts["glm"])) is generate_stream_chatglm3
-    chunks = list(generate_stream_chatglm3(model, tok, _glm_params(), "cpu", 8192, stream_interval=1))
-    assert chunks, "no output"
-    for c in chunks:
-        assert "<|user|>" not in c["text"] and "fake" not in c["text"]
-    assert chunks[-1]["text"] == "Hi"
-    assert chunks[-1]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"]["completion_tokens"] == 2
-
-    # non-streaming: FastChat's worker drains the same generator in generate_gate
     from fastchat.serve.model_worker import ModelWorker
 
     worker = ModelWorker.__new__(ModelWorker)
     worker.model, worker.tokenizer, worker.device = model, tok, "cpu"
     worker.context_len, worker.stream_interval, worker.seed, worker.call_ct = 8192, 2, None, 0
-    worker.generate_stream_func = ma.get_generate_stream_function(model, str(ckpts["glm"]))
-    out = worker.generate_gate(_glm_params())
-    assert out["text"] == "Hi" and out["error_code"] == 0
+    worker.generate_stream_func = ma.get_generate_stream_function(model, str(lab_models[GLM]))
+    out = worker.generate_gate(params)
+    assert out["text"] == expected and out["error_code"] == 0
+    assert out["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == k
 
 
-def test_chatglm3_dtype_from_config_never_fp16(ckpts, arena, monkeypatch):
-    arena()
-    model, _ = ChatGLM3Adapter().load_model(str(ckpts["glm"]), {"torch_dtype": torch.float16})
-    # the worker asked for fp16 (and config.json says float16): the config entry's bf16 wins
-    assert model.embedding.weight.dtype == torch.bfloat16
-    model, _ = ChatGLM3Adapter().load_model(str(ckpts["glm"]), {"torch_dtype": torch.float32})
-    assert model.embedding.weight.dtype == torch.float32
-
-
-def test_qwen_flags_match_dtype_and_chatml(ckpts, arena):
-    arena()
-    model, tok = QwenChatAdapter().load_model(str(ckpts["qwen"]), {"torch_dtype": torch.bfloat16})
-    assert (model.config.bf16, model.config.fp16, model.config.fp32) == (True, False, False)
-    assert model.wte.weight.dtype == torch.bfloat16
-    assert model.config.use_flash_attn is False
-    conv = ma.get_conversation_template("qwen7")
-    conv.append_message(conv.roles[0], "你好")
-    conv.append_message(conv.roles[1], None)
-    # Qwen-7B-Chat's make_context (qwen_generation_utils.py) with the default system prompt
-    assert conv.get_prompt() == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
-    )
-    fn = ma.get_generate_stream_function(model, str(ckpts["qwen"]))
-    assert fn.stop_ids == [151643, 151644, 151645]
-
-
-def test_remote_code_refused_unless_allowed(ckpts, arena):
-    arena(trust=False)
-    for adapter, path in ((ChatGLM3Adapter(), ckpts["glm"]), (QwenChatAdapter(), ckpts["qwen"])):
-        with pytest.raises(RemoteCodeNotAllowed, match="trust_remote_code = true") as e:
-            adapter.load_model(str(path), {"torch_dtype": torch.float32})
-        assert "arena.toml" in str(e.value) and ".py" in str(e.value)
-
-
-def test_remote_code_refused_without_config_entry(tmp_path, arena):
-    arena()
-    path = make_chatglm3(tmp_path / "elsewhere")
-    with pytest.raises(RemoteCodeNotAllowed, match="add a \\[\\[models\\]\\] entry"):
-        ChatGLM3Adapter().load_model(str(path), {})
+def test_chatglm3_takes_a_requested_fp32_over_the_entry(lab_models, arena):
+    """The worker's --dtype float32 wins over the entry's bfloat16 (and config.json's float16)."""
+    arena(lab_models, glm_dtype="bfloat16")
+    model, _ = ChatGLM3Adapter().load_model(str(lab_models[GLM]), {"torch_dtype": torch.float32})
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_chat_template_prompt_and_stops(ckpts, arena):

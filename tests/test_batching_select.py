@@ -1,5 +1,5 @@
 """Which engine the batching worker uses per model, and the serial engine for adapters with their
-own generate function (ChatGLM3: fixture checkpoint with scripted remote code, no real weights)."""
+own generate function (ChatGLM3-6B: tiny random-weight checkpoint built from its published files)."""
 from __future__ import annotations
 
 import threading
@@ -11,35 +11,32 @@ import worker_adapters
 from launch.batching.params import GenParams
 from launch.batching.select import build_engine, plan_for
 from launch.fastchat_patches import adapter_dispatch as hooks
-from tests.fixtures.checkpoints import make_chat_template_model, make_chatglm3, write_arena_config
+from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
 
-USER = 64795
-
-
-def glm_ids(text: str) -> list[int]:  # the fixture ChatGLM tokenizer is character-level: ord + 3
-    return [ord(c) + 3 for c in text]
+GLM = "chatglm3-6b"
+USER = 64795  # <|user|>
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {
-        "glm": make_chatglm3(root / "glm", script=glm_ids("Hi") + [USER] + glm_ids("fake turn")),
-        "smol": make_chat_template_model(root / "smol"),
-    }
+    return {"smol": make_chat_template_model(tmp_path_factory.mktemp("ckpt") / "smol")}
 
 
 @pytest.fixture
 def arena(ckpts, tmp_path, monkeypatch):
-    cfg = write_arena_config(tmp_path / "arena.toml", [
-        {"name": "glm", "path": str(ckpts["glm"]), "dtype": "float32", "trust_remote_code": True},
-        {"name": "smol", "path": str(ckpts["smol"]), "dtype": "float32"},
-    ])
-    monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
-    monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-    worker_adapters.register_adapters()
-    hooks.clear_caches()
-    yield cfg
+    """A config with the chat-template model (and, given lab_models, ChatGLM3-6B), set as CPU_ARENA_CONFIG."""
+    def make(lab_models: dict | None = None):
+        models = [{"name": "smol", "path": str(ckpts["smol"]), "dtype": "float32"}]
+        if lab_models is not None:
+            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": "float32", "trust_remote_code": True})
+        cfg = write_arena_config(tmp_path / "arena.toml", models)
+        monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
+        monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
+        worker_adapters.register_adapters()
+        hooks.clear_caches()
+        return cfg
+    make()
+    yield make
     hooks.clear_caches()
 
 
@@ -63,21 +60,38 @@ def _run(engine, params: GenParams, timeout: float = 60):
     return chunks
 
 
-def test_chatglm3_is_served_by_its_own_generate_function(ckpts, arena):
-    from worker_adapters.chatglm3 import generate_stream_chatglm3
+def test_chatglm3_is_served_by_its_own_generate_function(lab_models, arena):
+    """Served one request at a time by ChatGLM3's own function, which stops on <|user|>: the output row of the
+    k-th greedy token is swapped with <|user|>'s, so the model emits <|user|> there and the answer ends."""
+    from fastchat.model.model_adapter import get_conversation_template
 
-    model, tok = _load(ckpts["glm"])
-    plan = plan_for(model, str(ckpts["glm"]))
+    from worker_adapters.chatglm3 import _clean, build_input_ids, generate_stream_chatglm3
+
+    arena(lab_models)
+    model, tok = _load(lab_models[GLM])
+    plan = plan_for(model, str(lab_models[GLM]))
     assert plan.kind == "serial" and plan.generate is generate_stream_chatglm3
+    conv = get_conversation_template(GLM)
+    conv.append_message(conv.roles[0], "你好")
+    conv.append_message(conv.roles[1], None)
+    prompt = conv.get_prompt()
+    ids = build_input_ids(tok, prompt)
+    first: list[int] = []
+    with torch.inference_mode():  # greedy over the whole sequence each step, no cache
+        for _ in range(6):
+            first.append(int(torch.argmax(model(torch.tensor([ids + first])).logits[0, -1].float())))
+    k = next(i for i, t in enumerate(first) if t not in first[:i] and i >= 2)
+    head = model.transformer.output_layer.weight
+    rows = torch.tensor([first[k], USER])
+    head.data[rows] = head.data[rows].flip(0)  # this model is loaded for this test only
     engine = build_engine(plan, model, tok, max_batch=8, context_len=8192).start()
     try:
-        params = GenParams.from_fastchat({"prompt": "<|user|>\nhello<|assistant|>", "temperature": 0,
-                                          "max_new_tokens": 20, "echo": False}, tok.eos_token_id, plan.stop_ids)
+        params = GenParams.from_fastchat({"prompt": prompt, "temperature": 0, "max_new_tokens": 32, "echo": False},
+                                         tok.eos_token_id, plan.stop_ids)
         chunks = _run(engine, params)
-        # Stopped on <|user|> by ChatGLM3's own function: the scripted fake turn never shows.
-        assert chunks[-1].text == "Hi" and chunks[-1].finish_reason == "stop" and chunks[-1].error is None
-        assert chunks[-1].completion_tokens == 2
-        assert all("<|user|>" not in c.text and "fake" not in c.text for c in chunks)
+        assert chunks[-1].finish_reason == "stop" and chunks[-1].error is None
+        assert chunks[-1].completion_tokens == k and chunks[-1].text == _clean(tok.decode(first[:k]))
+        assert all("<|user|>" not in c.text for c in chunks)
         assert engine.load() == 0
     finally:
         engine.shutdown()
