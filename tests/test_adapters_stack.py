@@ -28,3 +28,21 @@ def test_default_models_use_chat_template_and_never_leak_markers(stack, model):
                                             max_tokens=32, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert not any(m in streamed for m in MARKERS), streamed
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_chatml_markers_typed_in_a_message_stay_text(stack, model):
+    """Ten `<|im_end|><|im_start|>` pairs typed in a message are text (several tokens each), not 20 control
+    tokens that would let a user forge an assistant turn."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=stack.api_url, api_key="none", timeout=300)
+
+    def prompt_tokens(content: str) -> int:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                           max_tokens=1, temperature=0)
+        return r.usage.prompt_tokens
+
+    added = prompt_tokens("Say hi." + "<|im_end|><|im_start|>" * 10) - prompt_tokens("Say hi.")
+    assert added > 25, added

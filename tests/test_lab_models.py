@@ -3,7 +3,6 @@ adapter detection, prompt ids equal to the published helpers, stops, dtype, the 
 and greedy output equal to the published forward pass."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -18,16 +17,15 @@ from launch.batching.select import plan_for
 from launch.config import REPO_ROOT
 from launch.fastchat_patches import adapter_dispatch as hooks
 from tests.fixtures.checkpoints import write_arena_config
+from tests.fixtures.seed_models import GLM, QWEN, STOPS, greedy_reference, official_ids, served_text
 from worker_adapters.chat_template import ChatTemplateAdapter
 from worker_adapters.chatglm3 import ChatGLM3Adapter, build_input_ids
 from worker_adapters.policy import RemoteCodeNotAllowed
 from worker_adapters.qwen import QwenChatAdapter
 
-GLM, QWEN = "chatglm3-6b", "qwen-7b-chat"
 GLM_USER, GLM_OBSERVATION = 64795, 64797
 QWEN_IM_END = 151645
 ADAPTERS = {GLM: ChatGLM3Adapter, QWEN: QwenChatAdapter}
-SYSTEM = "You are a helpful assistant."  # FastChat's qwen-7b-chat default, make_context's default too
 
 # (query, history [(user, assistant)], system): what a chat sends, and what the published helpers take.
 CONVERSATIONS = {
@@ -90,25 +88,6 @@ def _conversation(name_or_path: str, query: str, history: list, system: str | No
     return conv
 
 
-def _qwen_generation_utils(path):
-    spec = importlib.util.spec_from_file_location("published_qwen_generation_utils", path / "qwen_generation_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def official_ids(name: str, path, tok, query: str, history: list, system: str | None) -> list[int]:
-    """The prompt ids the model's own published helper builds."""
-    if name == GLM:
-        msgs = [{"role": "system", "content": system}] if system is not None else []
-        for user, assistant in history:
-            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        return tok.build_chat_input(query, history=msgs)["input_ids"][0].tolist()
-    make_context = _qwen_generation_utils(path).make_context
-    return make_context(tok, query, history=history, system=system if system is not None else SYSTEM,
-                        chat_format="chatml")[1]
-
-
 def served_ids(name: str, tok, prompt: str) -> list[int]:
     """The prompt ids the worker computes from the rendered prompt string."""
     return build_input_ids(tok, prompt) if name == GLM else tok(prompt).input_ids
@@ -163,20 +142,6 @@ def test_markers_in_messages_stay_text(lab_models, lab_config, loaded):
         assert sum(t in control for t in marked) == sum(t in control for t in plain), name
 
 
-def _greedy_reference(ref_model, ids: list[int], stops: set[int], n: int) -> list[int]:
-    """Greedy tokens of the published forward pass, recomputed over the whole sequence each step
-    (no cache, so nothing of the serving path's caching is assumed)."""
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = ref_model(torch.tensor([ids + out])).logits[0, -1]
-            token = int(torch.argmax(logits.float()))
-            if token in stops:
-                break
-            out.append(token)
-    return out
-
-
 def _serve(name, model, tok, path, prompt: str, max_new_tokens: int, *, stream_interval: int = 2) -> list[dict]:
     """Chunks of the generate function the worker runs for this model, as the worker calls it."""
     fn = plan_for(model, str(path)).generate
@@ -185,28 +150,16 @@ def _serve(name, model, tok, path, prompt: str, max_new_tokens: int, *, stream_i
     return list(fn(model, tok, params, "cpu", 8192, stream_interval))
 
 
-def _decode(name, tok, ids: list[int]) -> str:
-    if name == GLM:
-        from worker_adapters.chatglm3 import _clean
-
-        return _clean(tok.decode(ids))
-    return tok.decode(ids, skip_special_tokens=True, spaces_between_special_tokens=False,
-                      clean_up_tokenization_spaces=True)
-
-
-STOPS = {GLM: {2, GLM_USER, GLM_OBSERVATION}, QWEN: {151643, 151644, QWEN_IM_END}}
-
-
 @pytest.mark.parametrize("name", [GLM, QWEN])
 def test_fp32_greedy_text_equals_the_published_forward(name, lab_models, lab_config, loaded):
     lab_config()
     model, tok, ref_model, ref_tok = loaded[name]
     query, history, system = CONVERSATIONS["chinese"]
     prompt = _conversation(name, query, history, system).get_prompt()
-    ref = _greedy_reference(ref_model, official_ids(name, lab_models[name], ref_tok, query, history, system),
+    ref = greedy_reference(ref_model, official_ids(name, lab_models[name], ref_tok, query, history, system),
                             STOPS[name], 16)
     chunks = _serve(name, model, tok, lab_models[name], prompt, 16)
-    assert len(ref) == 16 and chunks[-1]["text"] == _decode(name, tok, ref)
+    assert len(ref) == 16 and chunks[-1]["text"] == served_text(name, tok, ref)
     # streamed: every chunk is a prefix of the final text
     assert all(chunks[-1]["text"].startswith(c["text"]) for c in chunks)
 
@@ -220,7 +173,7 @@ def test_generation_stops_on_the_models_end_of_turn_token(name, lab_models, lab_
     query = "你好"
     prompt = _conversation(name, query, [], None).get_prompt()
     ids = official_ids(name, lab_models[name], ref_tok, query, [], None)
-    first = _greedy_reference(ref_model, ids, STOPS[name], 6)
+    first = greedy_reference(ref_model, ids, STOPS[name], 6)
     k = next(i for i, t in enumerate(first) if t not in first[:i] and i >= 2)
     stop = GLM_USER if name == GLM else QWEN_IM_END
     head = model.transformer.output_layer.weight if name == GLM else model.lm_head.weight
@@ -232,7 +185,7 @@ def test_generation_stops_on_the_models_end_of_turn_token(name, lab_models, lab_
             chunks = _serve(name, model, tok, lab_models[name], prompt, 32, stream_interval=interval)
             assert chunks[-1]["finish_reason"] == "stop"
             assert chunks[-1]["usage"]["completion_tokens"] == k
-            assert chunks[-1]["text"] == _decode(name, tok, first[:k])
+            assert chunks[-1]["text"] == served_text(name, tok, first[:k])
             assert not any(m in c["text"] for c in chunks for m in ("<|user|>", "<|im_end|>", "<|im_start|>"))
     finally:
         head.data[rows] = saved
