@@ -62,8 +62,9 @@ def _install_generate_stream(ma) -> None:
         get_generate_stream_function._cpu_arena = True
         ma.get_generate_stream_function = get_generate_stream_function
     # model_worker imports the function by name; patch its copy if it is already imported.
+    # (Unless ui_utf8_stream already wrapped that copy: its wrapper looks the function up on `ma` at call time.)
     worker = sys.modules.get("fastchat.serve.model_worker")
-    if worker is not None:
+    if worker is not None and not getattr(worker.get_generate_stream_function, "_cpu_arena_utf8", False):
         worker.get_generate_stream_function = ma.get_generate_stream_function
 
 

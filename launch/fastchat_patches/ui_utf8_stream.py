@@ -46,7 +46,11 @@ def _patch(model_worker) -> None:
 
     @functools.wraps(original)
     def get_generate_stream_function(*args, **kwargs):
-        return wrap_stream(original(*args, **kwargs))
+        # Looked up at call time on model_adapter, not captured: the adapter dispatch patch may be installed
+        # there after this one, and both must apply whichever came first.
+        from fastchat.model import model_adapter
+
+        return wrap_stream(model_adapter.get_generate_stream_function(*args, **kwargs))
 
     get_generate_stream_function._cpu_arena_utf8 = True
     model_worker.get_generate_stream_function = get_generate_stream_function
