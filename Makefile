@@ -54,7 +54,7 @@ eval: $(STAMP)
 	$(PY) -m evals report latest --config $(CONFIG)
 
 bench: $(STAMP)
-	$(PY) -m launch bench --config $(CONFIG) $(ARGS)
+	$(PY) -m bench --config $(CONFIG) $(ARGS)
 
 worker: $(STAMP)
 	$(PY) -m launch worker --config $(CONFIG) $(ARGS)

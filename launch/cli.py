@@ -154,7 +154,6 @@ def cmd_supervise(cfg: ArenaConfig, args) -> int:
 DELEGATED = {
     "download": ("launch.download", "download a seed model from ModelScope (MODEL=name)"),
     "worker": ("launch.remote_worker", "run one model worker that joins a (possibly remote) controller"),
-    "bench": ("launch.bench", "measure decode speed, scaling, bandwidth and roofline"),
 }
 
 

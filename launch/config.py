@@ -91,10 +91,10 @@ class ModelConfig(_Strict):
     # Requests waiting beyond this answer 429 instead of queueing without bound.
     max_queue: int = Field(16, ge=1)
     max_batch: int = Field(8, ge=1)
-    # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (launch/batching/kernels.py).
+    # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (engine/kernels/linear.py).
     prepack_weights: bool = True
     # Batching worker: MB of finished requests' keys and values kept, so that a prompt beginning like one of them
-    # (the next turn of a chat, a common system prompt) starts from them; 0 = off (launch/batching/prefix_cache.py).
+    # (the next turn of a chat, a common system prompt) starts from them; 0 = off (engine/prefix_cache.py).
     prefix_cache_mb: int = Field(256, ge=0)
     # Conversation template override; normally the adapter detects it from the checkpoint.
     conv_template: str | None = None
@@ -175,7 +175,7 @@ class ArenaConfig(_Strict):
         return max(1, cores // len(self.models))
 
     def shares_cores(self) -> bool:
-        """Workers divide the cores between the busy ones at each step (launch/batching/cores.py).
+        """Workers divide the cores between the busy ones at each step (engine/host/cores.py).
 
         Only when every worker takes part: a stock FastChat worker, or one with fixed threads,
         cannot give cores back, so then every worker gets a static split instead.

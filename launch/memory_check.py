@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.host.hardware import resolve_dtype
 from launch.config import ArenaConfig, ConfigError, ModelConfig
-from launch.hardware import resolve_dtype
 
 GB = 10**9
 MIB = 2**20
@@ -40,7 +40,7 @@ MIB = 2**20
 #   - peak anonymous minus weights: Qwen2.5-Coder-0.5B 1.98 - 0.99 = 0.99 GB (0.27 GB of it the packed
 #     copy of its tied output projection), SmolLM2-135M 0.96 - 0.27 = 0.69 GB; once idle after an answer,
 #     VmRSS minus weights is 0.67 and 0.45 GB. For a 7B model (15.4 GB, untied) the same reckoning
-#     gives 0.37 + 0.54 = 0.91 GB at the peak; `launch bench --shape qwen-7b` peaked at 16.5 GB RSS.
+#     gives 0.37 + 0.54 = 0.91 GB at the peak; `make bench ARGS=--shape qwen-7b` peaked at 16.5 GB RSS.
 # 1.0 GB covers each of these. Not counted: the keys and values of requests being answered (they grow
 # with the number and length of live requests; the prefix cache of finished ones is counted apart).
 WORKER_OVERHEAD_BYTES = 10**9

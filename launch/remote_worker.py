@@ -19,8 +19,8 @@ import subprocess
 import sys
 
 from launch import probes
-from launch.api_guard.controller_client import remove_worker
 from launch.config import ArenaConfig, ConfigError
+from launch.fastchat_patches.api_guard.controller_client import remove_worker
 from launch.services import process_env, worker_spec
 
 

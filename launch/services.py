@@ -6,13 +6,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from engine.host.hardware import resolve_dtype
 from launch.config import ArenaConfig, ModelConfig
-from launch.hardware import resolve_dtype
 
 ENTRY = "launch.fastchat_entry"
 WORKER_MODULES = {
     "fastchat": "fastchat.serve.model_worker",
-    "batching": "launch.batching_worker",
+    "batching": "engine.worker",
 }
 
 

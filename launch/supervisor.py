@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import probes
-from launch.api_guard.controller_client import remove_worker
 from launch.config import ArenaConfig
+from launch.fastchat_patches.api_guard.controller_client import remove_worker
 from launch.services import ServiceSpec, build_services, process_env
 from launch.state import RunState, ServiceState, log_path, write_state
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from launch.api_guard import errors, validate
+from launch.fastchat_patches.api_guard import errors, validate
 from launch.state import read_state
 from tests.stackutil import default_models, free_ports_config, stack_for
 

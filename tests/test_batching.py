@@ -34,8 +34,8 @@ def _start_engine(dtype_name: str):
     import torch
     from fastchat.model.model_adapter import load_model
 
-    from launch.batching.engine import BatchEngine
-    from launch.batching.kernels import prepack_linears
+    from engine.batching import BatchEngine
+    from engine.kernels.linear import prepack_linears
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=getattr(torch, dtype_name))
@@ -51,7 +51,7 @@ def engine():
 
 
 def _submit(engine, prompt: str, n: int, **extra):
-    from launch.batching.params import GenParams
+    from engine.params import GenParams
 
     done, chunks = threading.Event(), []
 
@@ -95,11 +95,11 @@ def test_bf16_batched_greedy_equals_single():
     """bf16 as a 7B model is served here: on the project's kernels (AVX512_BF16 units or AVX2), batched."""
     import torch
 
-    from launch.batching.kernels import batch_rows_limit, linear_backend
+    from engine.kernels.linear import batch_rows_limit, linear_backend
 
     if batch_rows_limit(torch.bfloat16)[0] == 1:
         pytest.skip(f"bf16 is served one row at a time here: {linear_backend(torch.bfloat16)}")
-    from launch.batching import attention
+    from engine.kernels import attention
 
     eng = _start_engine("bfloat16")
     try:
@@ -156,7 +156,7 @@ def _answers_one_at_a_time(engine, prompts: list[str], n: int) -> list[list[int]
 def _answers_admitted_together(engine, prompts: list[str], n: int, admitted: list) -> list[list[int]]:
     """Greedy answers from a second engine on the same (idle) model, started only once every prompt waits,
     so they are admitted as one group; `admitted` receives each admitted group's size."""
-    from launch.batching.engine import BatchEngine
+    from engine.batching import BatchEngine
 
     together = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048)
     real_admit = together._admit
@@ -174,7 +174,7 @@ def _answers_admitted_together(engine, prompts: list[str], n: int, admitted: lis
 
 def test_requests_a_few_ms_apart_on_an_idle_engine_share_one_prefill(engine):
     """As FastChat's API server forwards requests sent at once: a few ms apart, not together."""
-    from launch.batching.engine import ADMIT_GAP_S, BatchEngine
+    from engine.batching import ADMIT_GAP_S, BatchEngine
 
     eng = BatchEngine(engine.model, engine.tokenizer, max_batch=4, context_len=2048).start()
     admitted = []
@@ -199,7 +199,7 @@ def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
     """The left-padded inputs reproduce every prompt's single-request next-token logits."""
     import torch
 
-    from launch.batching.prefill import prefill_inputs
+    from engine.prefill import prefill_inputs
 
     prompts = [engine.tokenizer(p).input_ids for p in (PROMPTS[0], PROMPTS[3], PROMPTS[1])]
     assert len({len(p) for p in prompts}) == 3
@@ -232,7 +232,7 @@ def test_padded_decode_steps_use_a_ready_mask(engine, monkeypatch):
     """Rows of different lengths: transformers builds no mask per step (it costs ~15% of a 4-row step)."""
     from transformers import masking_utils
 
-    from launch.batching.engine import takes_ready_mask
+    from engine.batching import takes_ready_mask
 
     assert takes_ready_mask(engine.model)
     built = []
@@ -269,7 +269,7 @@ def test_padded_decode_steps_use_a_ready_mask(engine, monkeypatch):
 def test_which_models_take_a_ready_mask(module, attn, extra, ready):
     from types import SimpleNamespace
 
-    from launch.batching.engine import takes_ready_mask
+    from engine.batching import takes_ready_mask
 
     model_class = type("M", (), {"__module__": module})
     model = model_class()
@@ -281,7 +281,7 @@ def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     """queue_length (engine.load(), read by the HTTP thread) while a group joins the running batch: each
     request is waiting or a row, never both. It read 7 for 4 requests when the rows were extended before
     the group left `waiting` and the merged cache was built in between."""
-    from launch.batching import engine as engine_module
+    from engine import batching as engine_module
 
     seen = []
     build = engine_module.GrowingCache.from_legacy_cache
@@ -327,7 +327,7 @@ SYSTEM = ("<|im_start|>system\nYou are a careful assistant. Answer briefly and s
 def test_prompts_that_begin_alike_share_one_prefill_of_their_beginning(engine, monkeypatch):
     """A common beginning (a system prompt; the same question from two clients) is prefilled once, and every
     answer still equals its single-request answer: the rests have different lengths, so rows are padded."""
-    from launch.batching import prefill as prefill_module
+    from engine import prefill as prefill_module
 
     prompts = [SYSTEM + PROMPTS[0], SYSTEM + PROMPTS[1], SYSTEM + PROMPTS[2], SYSTEM + PROMPTS[0]]
     ids = [engine.tokenizer(p).input_ids for p in prompts]
@@ -349,7 +349,7 @@ def test_a_shared_beginning_gives_each_prompt_its_single_logits_and_cache(engine
     """The shared prefill's logits and cache (gaps moved to the front) match each prompt's own prefill."""
     import torch
 
-    from launch.batching.prefill import prefill
+    from engine.prefill import prefill
 
     prompts = [engine.tokenizer(SYSTEM + p).input_ids for p in (PROMPTS[0], PROMPTS[3], PROMPTS[1])]
     with torch.inference_mode():
@@ -364,7 +364,7 @@ def test_a_shared_beginning_gives_each_prompt_its_single_logits_and_cache(engine
 
 
 def test_shared_prefix_len_leaves_every_prompt_a_token_of_its_own():
-    from launch.batching.prefill import shared_prefix_len
+    from engine.prefill import shared_prefix_len
 
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token is each prompt's own
@@ -376,7 +376,7 @@ def _tiny_qwen2_on_the_kernel(dtype):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from launch.batching.kernels import prepack_linears
+    from engine.kernels.linear import prepack_linears
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
@@ -392,12 +392,12 @@ def _tiny_qwen2_on_the_kernel(dtype):
 def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_name):
     """Prefilled left-padded with others, or after a common beginning computed once, each prompt's logits and
     cache are bitwise its own prefill's, so no answer can change (on torch's flash attention 27-96 thousand
-    key elements differed on SmolLM2 in bf16, 35-115 thousand in fp32: launch/batching/attention.c)."""
+    key elements differed on SmolLM2 in bf16, 35-115 thousand in fp32: engine/kernels/csrc/attention.c)."""
     import torch
 
-    from launch.batching import attention
-    from launch.batching.native import native_kernel
-    from launch.batching.prefill import SHARED_PREFIX_MIN, prefill
+    from engine.kernels import attention
+    from engine.kernels.native import native_kernel
+    from engine.prefill import SHARED_PREFIX_MIN, prefill
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
@@ -425,8 +425,8 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
     import torch
     from transformers.integrations import sdpa_attention
 
-    from launch.batching import attention
-    from launch.batching.native import native_kernel
+    from engine.kernels import attention
+    from engine.kernels.native import native_kernel
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
@@ -453,9 +453,9 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
 
 
 def test_a_prompt_too_long_for_the_attention_kernel_is_prefilled_alone():
-    from launch.batching.attention import PROMPT_QUERIES_MAX
-    from launch.batching.engine import BatchEngine, Request
-    from launch.batching.params import GenParams
+    from engine.batching import BatchEngine, Request
+    from engine.kernels.attention import PROMPT_QUERIES_MAX
+    from engine.params import GenParams
 
     eng = BatchEngine.__new__(BatchEngine)  # only the grouping rule: no model, no thread
     eng.max_batch, eng.rows, eng.prefix_cache = 8, [], None

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import worker_adapters
-from launch.batching.params import GenParams
-from launch.batching.select import build_engine, plan_for
+from engine.params import GenParams
+from engine.select import build_engine, plan_for
 from launch.fastchat_patches import adapter_dispatch as hooks
 from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
 
@@ -111,7 +111,7 @@ def test_serial_engine_equals_batching_engine_on_plain_generate_stream(ckpts, ar
     """The serial path is FastChat's own loop: for a plain model it must agree with the batch engine."""
     from fastchat.serve.inference import generate_stream
 
-    from launch.batching.select import EnginePlan
+    from engine.select import EnginePlan
 
     model, tok = _load(ckpts["smol"])
     prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
@@ -136,7 +136,7 @@ def test_both_engines_send_text_every_stream_interval_tokens(ckpts, arena, kind)
     tokens, then at the end; the final text is the same whatever N."""
     from fastchat.serve.inference import generate_stream
 
-    from launch.batching.select import EnginePlan
+    from engine.select import EnginePlan
 
     model, tok = _load(ckpts["smol"])
     prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
@@ -162,7 +162,7 @@ def test_both_engines_send_text_every_stream_interval_tokens(ckpts, arena, kind)
 
 
 def test_the_worker_takes_fastchats_stream_interval_option(capsys):
-    from launch.batching_worker import parse_args
+    from engine.worker import parse_args
 
     assert parse_args(["--model-path", "m"]).stream_interval == 2  # FastChat's worker's default
     assert parse_args(["--model-path", "m", "--stream-interval", "1"]).stream_interval == 1
@@ -172,7 +172,7 @@ def test_the_worker_takes_fastchats_stream_interval_option(capsys):
 
 
 def test_the_worker_takes_its_prefix_cache_size_from_the_option_then_the_config(tmp_path, monkeypatch, capsys):
-    from launch.batching_worker import PREFIX_CACHE_MB, parse_args
+    from engine.worker import PREFIX_CACHE_MB, parse_args
     from launch.config import ModelConfig
 
     monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)

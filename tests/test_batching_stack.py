@@ -75,8 +75,8 @@ def test_the_worker_is_the_batching_worker_with_the_chat_template(bstack):
     workers = [s for s in read_state(bstack.run_dir).services.values() if s.model]
     assert len(workers) == 2
     for w in workers:
-        assert "launch.batching_worker" in Path(f"/proc/{w.pid}/cmdline").read_bytes().decode().split("\0")
-        # The engine the worker chose (launch/batching/select.py), as logged at start.
+        assert "engine.worker" in Path(f"/proc/{w.pid}/cmdline").read_bytes().decode().split("\0")
+        # The engine the worker chose (engine/select.py), as logged at start.
         assert "batching worker: continuous batching" in Path(w.log).read_text()
 
 

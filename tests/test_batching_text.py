@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.batching.params import GenParams
-from launch.batching.text import IncrementalText, StopText, find_stop, partial_stop_len
+from engine.params import GenParams
+from engine.text import IncrementalText, StopText, find_stop, partial_stop_len
 from tests.test_batching import smollm2_path
 
 
@@ -69,7 +69,7 @@ class CountingTokenizer:
 def test_greedy_choice_is_torchs_bf16_argmax_first_maximum_included():
     import torch
 
-    from launch.batching.params import choose_token, greedy_tokens
+    from engine.params import choose_token, greedy_tokens
 
     torch.manual_seed(0)
     logits = torch.randn(5, 151936).to(torch.bfloat16)
@@ -99,8 +99,8 @@ def test_streaming_text_costs_constant_decode_work_per_token(tokenizer):
 def test_slow_reader_gets_the_newest_cumulative_chunk_not_every_one():
     import asyncio
 
-    from launch.batching.engine import Chunk
-    from launch.batching_worker import latest
+    from engine.batching import Chunk
+    from engine.worker import latest
 
     async def run():
         q: asyncio.Queue = asyncio.Queue()
@@ -121,8 +121,8 @@ def test_one_step_of_chunks_wakes_the_event_loop_once():
     import asyncio
     import threading
 
-    from launch.batching.engine import Chunk
-    from launch.batching_worker import _Mailbox
+    from engine.batching import Chunk
+    from engine.worker import _Mailbox
 
     async def run():
         loop = asyncio.get_running_loop()

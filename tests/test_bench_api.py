@@ -1,4 +1,4 @@
-"""launch/bench_api.py against a stub OpenAI streaming server with known timing."""
+"""bench/api.py against a stub OpenAI streaming server with known timing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from launch.bench_api import PROMPT, aggregate_rounds, client_order, concurrent, stream_chat
+from bench.api import PROMPT, aggregate_rounds, client_order, concurrent, stream_chat
 
 DELAY_S = 0.2  # before the first token, and between tokens
 WORDS = ["one", " two", " three"]

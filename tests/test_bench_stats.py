@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launch.bench_stats import (
+from bench.stats import (
     ModelReport,
     Stat,
     paired_scaling,
@@ -108,7 +108,8 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from launch import bench, bench_raw
+    from bench import cli as bench
+    from bench import raw as bench_raw
 
     def tiny(shape):
         torch.manual_seed(0)
@@ -131,7 +132,7 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
     monkeypatch.setattr(bench_raw, "build_shape_model", tiny)
     monkeypatch.setattr(bench_raw, "ReadProbe", Probe)
     # Decoded with the worker's KV cache, a new one for every generate (2 to warm up, 3 per repeat, 3 at batch 4).
-    from launch.batching import kv_cache
+    from engine import kv_cache
 
     made = []
 
@@ -165,7 +166,7 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
 
 
 def test_bench_names_an_unknown_model_and_the_configured_ones():
-    from launch import bench
+    from bench import cli as bench
     from launch.config import ConfigError, load_config
 
     cfg = load_config()
@@ -180,7 +181,7 @@ def test_bench_names_an_unknown_model_and_the_configured_ones():
 
 
 def test_bench_plan_defaults_quick_and_explicit():
-    from launch import bench
+    from bench import cli as bench
 
     plan = bench.Plan.of(bench.parse_args([]))
     assert (plan.tokens, plan.repeats, plan.rounds, plan.clients) == (48, 3, 9, (1, 2, 4, 8))
@@ -192,7 +193,7 @@ def test_bench_plan_defaults_quick_and_explicit():
 @pytest.mark.parametrize("option", ["--tokens", "--repeats", "--rounds"])
 @pytest.mark.parametrize("spec", ["0", "-2", "x"])
 def test_bench_refuses_counts_that_are_not_positive(option, spec, capsys):
-    from launch import bench
+    from bench import cli as bench
 
     with pytest.raises(SystemExit) as e:
         bench.parse_args([option, spec])
@@ -202,7 +203,7 @@ def test_bench_refuses_counts_that_are_not_positive(option, spec, capsys):
 
 @pytest.mark.parametrize("spec", ["1,x", "0,2", ""])
 def test_bench_refuses_client_counts_that_are_not_positive_integers(spec, capsys):
-    from launch import bench
+    from bench import cli as bench
 
     assert bench.parse_args(["--clients", "1,4"]).clients == (1, 4)
     with pytest.raises(SystemExit) as e:
@@ -214,7 +215,7 @@ def test_bench_refuses_client_counts_that_are_not_positive_integers(spec, capsys
 def test_the_bench_stack_runs_without_the_prefix_cache(tmp_path):
     """Its rounds repeat their prompts: a prefix cache would serve them from earlier rounds (the bench times
     what the cache saves apart, as the next turn's prefill)."""
-    from launch import bench
+    from bench import cli as bench
     from launch.config import load_config
 
     cfg = load_config()
@@ -228,7 +229,7 @@ def test_the_bench_stack_runs_without_the_prefix_cache(tmp_path):
 def test_the_bench_removes_its_own_stack_folder_unless_something_failed(monkeypatch, tmp_path, measured, kept):
     import subprocess
 
-    from launch import bench
+    from bench import cli as bench
     from launch.config import load_config
 
     made = []

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from launch.batching import cores
-from launch.batching.cores import CoreLease
+from engine.host import cores
+from engine.host.cores import CoreLease
 
 
 def test_busy_workers_split_the_cores(tmp_path):
@@ -56,7 +56,7 @@ def test_another_process_sees_the_claim(tmp_path):
     a = CoreLease(path, 0, cores=2)
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from launch.batching.cores import CoreLease
+        from engine.host.cores import CoreLease
         print(CoreLease(Path({str(path)!r}), 1, cores=2).acquire())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

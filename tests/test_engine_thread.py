@@ -1,4 +1,4 @@
-"""Model loading off the main thread leaves no OpenMP thread pool behind (launch/batching/thread.py)."""
+"""Model loading off the main thread leaves no OpenMP thread pool behind (engine/thread.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import textwrap
 import pytest
 import torch
 
-from launch.batching.thread import off_main_thread
+from engine.thread import off_main_thread
 
 # A fresh interpreter: libgomp's pools of this pytest process are whatever earlier tests left.
 _PROBE = textwrap.dedent("""
     import os, sys, time, torch
-    from launch.batching.thread import off_main_thread
+    from engine.thread import off_main_thread
     torch.set_num_threads(2)
 
     def tasks():

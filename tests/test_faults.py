@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from launch.api_guard.controller_client import list_workers
+from launch.fastchat_patches.api_guard.controller_client import list_workers
 from launch.state import read_state
 from tests.stackutil import default_models, free_ports_config, stack_for
 

@@ -9,9 +9,9 @@ import torch
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
-from launch.batching import fused_ops, native
-from launch.batching.kernels import prepack_linears
-from launch.bench_raw import threads
+from bench.raw import threads
+from engine.kernels import fused_ops, native
+from engine.kernels.linear import prepack_linears
 
 KERNEL, WHY = native.native_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")

@@ -1,4 +1,4 @@
-"""Weights on 2 MB pages (launch/batching/hugepages.py): gathered into an aligned arena and collapsed in place,
+"""Weights on 2 MB pages (engine/host/hugepages.py): gathered into an aligned arena and collapsed in place,
 contents and identities kept, memory not doubled, best effort."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.batching.hugepages import GATHER_MIN, HUGE, _thp_never, collapse, collapse_model, gather, huge_bytes
+from engine.host.hugepages import GATHER_MIN, HUGE, _thp_never, collapse, collapse_model, gather, huge_bytes
 
 # gather copies nothing where transparent huge pages are off (tested below with that switch faked).
 needs_thp = pytest.mark.skipif(_thp_never(), reason="transparent huge pages are 'never' here")
@@ -37,7 +37,7 @@ def test_each_storage_once_and_views_and_opaque_tensors_are_fine():
 def test_collapse_model_covers_parameters_and_buffers(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.BatchNorm1d(2048))
     tensors = []
-    monkeypatch.setattr("launch.batching.hugepages.collapse", lambda ts: tensors.extend(ts) or (0, ""))
+    monkeypatch.setattr("engine.host.hugepages.collapse", lambda ts: tensors.extend(ts) or (0, ""))
     collapse_model(model)
     assert len(tensors) == len(list(model.parameters())) + len(list(model.buffers()))
 
@@ -51,7 +51,7 @@ def test_can_be_switched_off(monkeypatch):
 
 
 def test_nothing_is_copied_where_transparent_huge_pages_are_off(monkeypatch):
-    monkeypatch.setattr("launch.batching.hugepages._thp_never", lambda: True)
+    monkeypatch.setattr("engine.host.hugepages._thp_never", lambda: True)
     t = torch.zeros(8 << 20)
     ptr = t.data_ptr()
     assert gather([t]) == 0 and t.data_ptr() == ptr
@@ -124,7 +124,7 @@ def test_a_loaded_model_lets_go_of_its_checkpoint_file(tmp_path):
     in the file, the file is no longer mapped, and the values and the tied weights are as they were."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from launch.batching.hugepages import file_mappings, release_checkpoint_files
+    from engine.host.hugepages import file_mappings, release_checkpoint_files
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -152,7 +152,7 @@ def test_a_failed_collapse_still_counts_what_is_on_huge_pages(monkeypatch):
     pages at its first touch: the count says what is there, not 0."""
     import errno
 
-    from launch.batching import hugepages
+    from engine.host import hugepages
 
     t = torch.ones(8 << 20)  # 32 MB
     gather([t])

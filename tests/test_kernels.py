@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from launch.batching import kernels, native
-from launch.batching.kernels import ONEDNN, KernelLinear, can_prepack, choose_backend, prepack_linears
-from launch.batching.native import native_kernel
+from engine.kernels import linear as kernels
+from engine.kernels import native
+from engine.kernels.linear import ONEDNN, KernelLinear, can_prepack, choose_backend, prepack_linears
+from engine.kernels.native import native_kernel
 
 KERNEL, WHY = native_kernel()
 BACKENDS = [
@@ -157,7 +158,7 @@ def _tiny_qwen2(layers: int = 2):
 
 
 def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend):
-    from launch.batching.kernels import SharedInputLinear
+    from engine.kernels.linear import SharedInputLinear
 
     model = _tiny_qwen2()
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
@@ -193,7 +194,7 @@ def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_outp
 def test_after_prepacking_the_model_still_lists_every_weight_it_reads(backend, monkeypatch):
     """hugepages.collapse_model walks parameters and buffers: the fused q/k/v and gate/up weights must be
     among them, or most of a served model's weights stay on 4 kB pages."""
-    from launch.batching import hugepages
+    from engine.host import hugepages
 
     model = _tiny_qwen2()
     prepack_linears(model)

@@ -1,12 +1,12 @@
-"""The batch's KV cache (launch/batching/kv_cache.py): DynamicCache's values, kept in buffers that grow in place."""
+"""The batch's KV cache (engine/kv_cache.py): DynamicCache's values, kept in buffers that grow in place."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from launch.batching import kv_cache
-from launch.batching.kv_cache import GrowingCache
+from engine import kv_cache
+from engine.kv_cache import GrowingCache
 
 
 def _states(gen, rows: int, heads: int, tokens: int, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

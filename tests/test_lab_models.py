@@ -13,7 +13,7 @@ import torch
 from fastchat.model import model_adapter as ma
 
 import worker_adapters
-from launch.batching.select import plan_for
+from engine.select import plan_for
 from launch.config import REPO_ROOT
 from launch.fastchat_patches import adapter_dispatch as hooks
 from tests.fixtures.checkpoints import write_arena_config

@@ -50,9 +50,9 @@ def test_safetensors_bytes_in_the_served_dtype(tmp_path):
 
 def test_auto_resolves_like_the_worker(tmp_path, monkeypatch):
     folder = _safetensors_model(tmp_path / "m")
-    monkeypatch.setattr("launch.hardware.has_fast_bf16", lambda: False)
+    monkeypatch.setattr("engine.host.hardware.has_fast_bf16", lambda: False)
     assert memory_check.weight_bytes(folder, "auto") == FLOATS * 4 + INTS
-    monkeypatch.setattr("launch.hardware.has_fast_bf16", lambda: True)
+    monkeypatch.setattr("engine.host.hardware.has_fast_bf16", lambda: True)
     assert memory_check.weight_bytes(folder, "auto") == FLOATS * 2 + INTS
 
 

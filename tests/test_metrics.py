@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from launch import metrics
+from launch.fastchat_patches.api_guard import metrics
 
 
 def test_exposition_format_counters_and_cumulative_histograms():

@@ -13,8 +13,8 @@ import time
 import openai
 import pytest
 
-from launch.api_guard.controller_client import list_workers
 from launch.config import REPO_ROOT
+from launch.fastchat_patches.api_guard.controller_client import list_workers
 from launch.ports import free_port
 from tests.stackutil import default_models, free_ports_config, stack_for, write_config
 

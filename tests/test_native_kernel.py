@@ -1,4 +1,4 @@
-"""The linear kernels (launch/batching/linear.c on AVX2, bf16 and fp32 weights; linear_avx512bf16.c, bf16 on
+"""The linear kernels (engine/kernels/csrc/linear.c on AVX2, bf16 and fp32 weights; linear_avx512bf16.c, bf16 on
 AVX512_BF16 where the CPU has it): same results as PyTorch's linear, rows independent of each other, built
 once, and a clear reason where they cannot be used. Then the bf16 attention kernel behind torch's SDPA."""
 
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from launch.batching import kernels, native
+from engine.kernels import linear as kernels
+from engine.kernels import native
 
 KERNEL, WHY = native.native_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"the C kernels are unavailable here: {WHY}")
@@ -216,7 +217,7 @@ def _tiny_bf16_qwen2():
 @pytest.mark.parametrize("units", [pytest.param(False, id="avx2"), pytest.param(
     True, id="avx512bf16", marks=pytest.mark.skipif(not native.has_bf16_units(), reason="no AVX512_BF16"))])
 def test_bf16_model_runs_its_linears_on_the_kernel(monkeypatch, units):
-    from launch.batching import attention
+    from engine.kernels import attention
 
     monkeypatch.setattr(native, "has_bf16_units", lambda: units)
     monkeypatch.setattr(kernels, "native_kernel", lambda: (kernel_for(units), ""))
@@ -263,7 +264,7 @@ def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
 
 @pytest.fixture
 def patched_sdpa():
-    from launch.batching import attention
+    from engine.kernels import attention
 
     attention.install(KERNEL)
     yield attention._original
@@ -338,7 +339,7 @@ def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa, d
 @pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp16", "dropout", "no-gqa-flag",
                                   "bf16-mask-on-fp32"])
 def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monkeypatch):
-    from launch.batching import attention
+    from engine.kernels import attention
 
     q, k, v = _qkv(1, 4, 2 if case == "no-gqa-flag" else 4, 5, 16)
     kw = {}
@@ -440,7 +441,7 @@ def test_each_query_of_a_prompt_is_bitwise_its_own_decode_step(patched_sdpa, H, 
 
 @needs_kernel
 def test_installing_twice_wraps_once():
-    from launch.batching import attention
+    from engine.kernels import attention
 
     attention.install(KERNEL)
     first = torch.nn.functional.scaled_dot_product_attention

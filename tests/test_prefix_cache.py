@@ -1,4 +1,4 @@
-"""The prefix cache (launch/batching/prefix_cache.py): finished requests' keys and values, and prompts that
+"""The prefix cache (engine/prefix_cache.py): finished requests' keys and values, and prompts that
 begin like them starting from them with bitwise the logits of a whole prefill."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from launch.batching.prefix_cache import MIN_TOKENS, PrefixCache, usable
+from engine.prefix_cache import MIN_TOKENS, PrefixCache, usable
 from tests.test_batching import smollm2_path
 
 
@@ -64,9 +64,9 @@ def test_the_least_recently_used_go_first_and_nothing_larger_than_the_budget_is_
 def model_and_tokenizer():
     from fastchat.model.model_adapter import load_model
 
-    from launch.batching import attention
-    from launch.batching.kernels import prepack_linears
-    from launch.batching.native import native_kernel
+    from engine.kernels import attention
+    from engine.kernels.linear import prepack_linears
+    from engine.kernels.native import native_kernel
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
@@ -78,8 +78,8 @@ def model_and_tokenizer():
 
 def _run(engine, prompt_ids: list[int], n: int, *more: list[int]) -> list[int] | list[list[int]]:
     """Greedy answers of prompts sent together (the engine prefills requests arriving together together)."""
-    from launch.batching.engine import Request
-    from launch.batching.params import GenParams
+    from engine.batching import Request
+    from engine.params import GenParams
 
     reqs = []
     for ids in (prompt_ids, *more):
@@ -104,7 +104,7 @@ def _wait_for(condition) -> None:
 def _engine_after_a_first_turn(model, tok, question: str, n: int):
     """An engine with a prefix cache that has answered `question` (n tokens, greedy) and kept that turn:
     (engine, cache, the chat so far, the first turn's prompt tokens)."""
-    from launch.batching.engine import BatchEngine
+    from engine.batching import BatchEngine
 
     chat = [{"role": "user", "content": question}]
     first = tok.apply_chat_template(chat, add_generation_prompt=True)
@@ -122,7 +122,7 @@ def _engine_after_a_first_turn(model, tok, question: str, n: int):
 
 def _prefills_from_kept_tokens(monkeypatch) -> list[tuple[int, int]]:
     """Records (prompts, kept tokens) of every prefill the engine starts from kept keys and values."""
-    from launch.batching import engine as engine_module
+    from engine import batching as engine_module
 
     calls = []
     real = engine_module.prefill_after
@@ -135,7 +135,7 @@ def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(
     """A finished request's prompt and answer are kept; the next turn, whose prompt repeats them, is prefilled
     from them (only its new tokens run) and answers exactly as a whole prefill does, here and in the
     logits and keys and values, bitwise (bf16, as served)."""
-    from launch.batching.prefill import prefill, prefill_after
+    from engine.prefill import prefill, prefill_after
 
     model, tok = model_and_tokenizer
     eng, cache, chat, first = _engine_after_a_first_turn(model, tok, "Name three colours of the rainbow.", 24)
@@ -160,8 +160,8 @@ def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(
 
 
 def test_a_model_whose_prompt_split_changes_its_logits_gets_no_prefix_cache(model_and_tokenizer, monkeypatch):
-    from launch.batching import attention
-    from launch.batching.engine import BatchEngine
+    from engine.batching import BatchEngine
+    from engine.kernels import attention
 
     model, tok = model_and_tokenizer
     assert usable(model) is None
@@ -189,7 +189,7 @@ def test_prompts_that_begin_with_the_same_kept_tokens_are_prefilled_together(mod
 
 
 def test_the_bench_times_a_next_turn_whole_and_from_the_kept_turn(model_and_tokenizer):
-    from launch.bench_raw import next_turn_prefill
+    from bench.raw import next_turn_prefill
 
     model, tok = model_and_tokenizer
     first = tok.apply_chat_template([{"role": "user", "content": "Hi there."}], add_generation_prompt=True)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import worker_adapters
-from launch.batching.engine import Chunk
-from launch.batching.params import GenParams
-from launch.batching.serial import SerialEngine
+from engine.batching import Chunk
+from engine.params import GenParams
+from engine.serial import SerialEngine
 from launch.fastchat_patches import adapter_dispatch as hooks
 from launch.fastchat_patches import apply_all
 from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
@@ -102,7 +102,7 @@ def batching_worker(ckpt, patched, mp):
     """The project's batching worker, its model raising ValueError("boom") at its first forward pass."""
     from fastchat.serve import base_model_worker
 
-    from launch import batching_worker as bw
+    from engine import worker as bw
 
     # create_worker sets these module globals (and FastChat's, for the first worker of a process).
     for mod, name in ((bw, "worker"), (bw, "BatchingWorker"), (base_model_worker, "worker")):
@@ -167,7 +167,7 @@ def _tracebacks(caplog, text: str = "boom") -> list[logging.LogRecord]:
 # ---- the batching worker (the default) ----------------------------------------------------------------
 
 def test_batching_worker_error_is_a_500_naming_the_exception(api, batching_worker, mp, caplog):
-    from launch import batching_worker as bw
+    from engine import worker as bw
 
     with _api_for(api, bw.app, mp) as (client, oai):
         _assert_500_server_error(client.post("/v1/chat/completions", json=CHAT))
@@ -180,7 +180,7 @@ def test_batching_worker_error_is_a_500_naming_the_exception(api, batching_worke
 
 
 def test_batching_worker_error_ends_a_stream_with_an_error_event(api, batching_worker, mp, caplog):
-    from launch import batching_worker as bw
+    from engine import worker as bw
 
     with _api_for(api, bw.app, mp) as (_, oai):
         with pytest.raises(openai.APIError) as exc:
@@ -197,7 +197,7 @@ def test_batching_worker_answers_a_request_refused_before_generation_with_an_err
 
     from fastapi.testclient import TestClient
 
-    from launch import batching_worker as bw
+    from engine import worker as bw
 
     with TestClient(bw.app) as client:
         r = client.post("/worker_generate_stream", json={"temperature": 0})
@@ -211,7 +211,7 @@ def test_batching_worker_answers_a_request_refused_before_generation_with_an_err
 
 
 def test_serial_engine_error_names_the_exception_and_logs_the_traceback(caplog):
-    from launch.batching_worker import _chunk_json
+    from engine.worker import _chunk_json
 
     def generate(*args):
         raise ValueError("boom")
@@ -232,7 +232,7 @@ def test_serial_engine_error_names_the_exception_and_logs_the_traceback(caplog):
 
 
 def test_an_error_chunk_never_carries_fastchats_ui_line():
-    from launch.batching_worker import _chunk_json
+    from engine.worker import _chunk_json
 
     out = _chunk_json(Chunk("partial", 3, 1, None, "RuntimeError: out of memory"))
     assert out["error_code"] == 50001 and "RuntimeError: out of memory" in out["text"]
@@ -270,7 +270,7 @@ def test_stock_worker_error_is_a_500_naming_the_exception(api, stock_worker, mp,
 def test_api_drops_fastchats_ui_line_from_an_unpatched_workers_error(patched):
     from fastchat.constants import SERVER_ERROR_MSG
 
-    from launch.api_guard import errors
+    from launch.fastchat_patches.api_guard import errors
 
     err = errors.from_fastchat(50001, f"{SERVER_ERROR_MSG}\n\n(boom)")
     assert err.status == 500 and err.type == "server_error"

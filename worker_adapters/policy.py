@@ -91,7 +91,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def cpu_dtype(model_path: str | os.PathLike, requested) -> torch.dtype:
     """bf16 or fp32, never fp16 on CPU: the worker's --dtype, else the config entry, else fp32."""
-    from launch.hardware import resolve_dtype
+    from engine.host.hardware import resolve_dtype
 
     if isinstance(requested, torch.dtype) and requested in _DTYPES.values():
         return requested

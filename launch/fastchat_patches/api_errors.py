@@ -5,8 +5,8 @@ fschat 0.2.36's openai_api_server answers every error with status 400 in its own
 roles through (the last two become 500s while building the prompt); answers 500 when a model has
 no live worker or a worker is unreachable; and a worker that dies mid-stream ends the stream with
 a chunk the openai client cannot recognise as an error. This patch, on the imported module:
-- replaces create_error_response (code -> status table in launch/api_guard/errors.py),
-  check_requests (launch/api_guard/validate.py) and check_model (404 unknown, 503 configured but
+- replaces create_error_response (code -> status table in launch/fastchat_patches/api_guard/errors.py),
+  check_requests (launch/fastchat_patches/api_guard/validate.py) and check_model (404 unknown, 503 configured but
   not registered);
 - turns controller/worker connection failures into 503 (and tells the controller to drop a worker
   it cannot reach), and a broken worker stream into an `{"error": ...}` event;
@@ -26,8 +26,8 @@ import os
 import time
 from types import ModuleType
 
-from launch.api_guard import context, errors, validate
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard import context, errors, validate
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/openai_api_server.py#L121-L150"
 MODULE = "fastchat.serve.openai_api_server"
@@ -48,7 +48,7 @@ def configured_models() -> dict[str, int]:
 
 
 def _drop_worker_later(mod: ModuleType, worker_url: str) -> None:
-    from launch.api_guard.controller_client import remove_worker
+    from launch.fastchat_patches.api_guard.controller_client import remove_worker
 
     controller = mod.app_settings.controller_address
     if worker_url and not worker_url.startswith(controller):

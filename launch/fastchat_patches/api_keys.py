@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/openai_api_server.py#L897-L901"
 MODULE = "fastchat.serve.openai_api_server"

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from launch import metrics
-from launch.api_guard import context, errors
-from launch.api_guard.on_import import when_imported
 from launch.config import ModelConfig
+from launch.fastchat_patches.api_guard import context, errors, metrics
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/base_model_worker.py#L178-L190"
 MODULE = "fastchat.serve.openai_api_server"

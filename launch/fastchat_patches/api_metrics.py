@@ -3,7 +3,7 @@
 Requests by path, model and status; errors by code; prompt and generated tokens; request latency
 and time-to-first-token histograms; requests in flight per worker (this server's count) and the
 queue length each worker last reported to the controller. Guarded by the API key when one is
-configured. Text exposition written by launch/metrics.py (prometheus_client is not pinned).
+configured. Text exposition written by launch/fastchat_patches/api_guard/metrics.py (prometheus_client is not pinned).
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 from types import ModuleType
 
-from launch import metrics
-from launch.api_guard import context
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard import context, metrics
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/openai_api_server.py"
 MODULE = "fastchat.serve.openai_api_server"
@@ -32,7 +31,7 @@ def _patch(mod: ModuleType) -> None:
     from fastapi import Depends
     from fastapi.responses import PlainTextResponse
 
-    from launch.api_guard.controller_client import list_workers
+    from launch.fastchat_patches.api_guard.controller_client import list_workers
 
     context.install(mod.app)
     TIMEOUT.set(float(mod.WORKER_API_TIMEOUT))

@@ -18,7 +18,7 @@ import asyncio
 import weakref
 from types import ModuleType
 
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/issues/2256"
 MODULE = "fastchat.serve.openai_api_server"

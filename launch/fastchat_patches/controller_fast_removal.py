@@ -17,7 +17,7 @@ from types import ModuleType
 
 from fastapi import Request  # at module level: FastAPI resolves the string annotation here
 
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/controller.py#L56-L59"
 MODULE = "fastchat.serve.controller"

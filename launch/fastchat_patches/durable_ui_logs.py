@@ -13,7 +13,7 @@ from __future__ import annotations
 import builtins
 from types import ModuleType
 
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/gradio_web_server.py#L200-L209"
 MODULES = (

@@ -38,6 +38,6 @@ def _patch(anony) -> None:
 
 def apply() -> None:
     # Lazy: only the UI process imports gradio; other services must not pay for it.
-    from launch.api_guard.on_import import when_imported
+    from launch.fastchat_patches.api_guard.on_import import when_imported
 
     when_imported("fastchat.serve.gradio_block_arena_anony", _patch)

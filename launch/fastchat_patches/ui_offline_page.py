@@ -46,6 +46,6 @@ def _patch(routes) -> None:
 
 
 def apply() -> None:
-    from launch.api_guard.on_import import when_imported
+    from launch.fastchat_patches.api_guard.on_import import when_imported
 
     when_imported("gradio.routes", _patch)

@@ -58,6 +58,6 @@ def _patch(model_worker) -> None:
 
 def apply() -> None:
     # Lazy: only worker processes import model_worker (and torch); the controller must start fast.
-    from launch.api_guard.on_import import when_imported
+    from launch.fastchat_patches.api_guard.on_import import when_imported
 
     when_imported("fastchat.serve.model_worker", _patch)

@@ -10,8 +10,8 @@ and in both cases the worker's concurrency semaphore is never released.
 This patch replaces generate_stream_gate (generate_gate drains it, so both endpoints are covered):
 every exception is logged with its traceback and answered with one chunk
 `{"text": worker_error_text(...), "error_code": INTERNAL_ERROR}`. The project's batching worker
-(launch/batching_worker.py) answers its engines' errors with the same text, and the API server
-maps INTERNAL_ERROR to a 500 server_error carrying it (launch/api_guard/errors.py).
+(engine/worker.py) answers its engines' errors with the same text, and the API server
+maps INTERNAL_ERROR to a 500 server_error carrying it (launch/fastchat_patches/api_guard/errors.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from types import ModuleType
 
-from launch.api_guard.on_import import when_imported
+from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/model_worker.py#L104-L144"
 MODULE = "fastchat.serve.model_worker"

@@ -6,8 +6,8 @@ import os
 
 import requests
 
+from engine.host.hardware import resolve_dtype
 from launch.config import ConfigError, load_config
-from launch.hardware import resolve_dtype
 
 _controller_url = "http://127.0.0.1:21001"
 

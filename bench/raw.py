@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import torch
 
-from launch.bench_stats import Stat
+from bench.stats import Stat
 
 
 @contextmanager
@@ -37,8 +37,8 @@ class ReadProbe:
     returns the bytes per second it took."""
 
     def __init__(self, n_threads: int, mb: int = 512):
-        from launch.batching.hugepages import collapse
-        from launch.batching.native import native_kernel
+        from engine.host.hugepages import collapse
+        from engine.kernels.native import native_kernel
 
         self.n_threads = n_threads
         self.x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
@@ -57,7 +57,7 @@ class ReadProbe:
 
 
 def probe_name() -> str:
-    from launch.batching.native import native_kernel
+    from engine.kernels.native import native_kernel
 
     return "read_probe.c, 8 streams per thread" if native_kernel()[0] is not None else "torch fp32 sum"
 
@@ -144,9 +144,9 @@ def next_turn_prefill(model, first: list[int], answer: list[int], second: list[i
                       repeats: int) -> tuple[Stat, Stat | None, int]:
     """A chat's second turn `second` (which repeats the first turn's prompt `first` and answer `answer`):
     (its prefill computed whole, its prefill from the kept first turn or None, how many tokens were kept), on the
-    batching worker's prefill functions and prefix cache (launch/batching/prefix_cache.py)."""
-    from launch.batching.prefill import prefill, prefill_after
-    from launch.batching.prefix_cache import PrefixCache
+    batching worker's prefill functions and prefix cache (engine/prefix_cache.py)."""
+    from engine.prefill import prefill, prefill_after
+    from engine.prefix_cache import PrefixCache
 
     cache = PrefixCache(1 << 40)
     turn = first + answer

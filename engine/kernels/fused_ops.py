@@ -33,8 +33,8 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
-from launch.batching.kernels import KernelLinear, SharedInputLinear
-from launch.batching.native import pack_avx512bf16
+from engine.kernels.linear import KernelLinear, SharedInputLinear
+from engine.kernels.native import pack_avx512bf16
 
 # Norms computing weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) from `weight` and `variance_epsilon`.
 RMS_NORMS = (modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm)

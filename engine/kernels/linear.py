@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from launch.batching.hugepages import give_back_freed_memory
-from launch.batching.native import native_kernel, pack_avx512bf16
+from engine.host.hugepages import give_back_freed_memory
+from engine.kernels.native import native_kernel, pack_avx512bf16
 
 log = logging.getLogger("batching")
 
@@ -223,8 +223,8 @@ def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
 
     bf16 without the project's kernel (no compiler, no AVX2) is decoded one request at a time. On
     PyTorch's generic kernels (no bf16 units) every row costs about one more row: a 7B-shaped bf16 model
-    decoded 1.03 tok/s at batch 1 and 0.70 tok/s in total at batch 4 on the reference machine (`python -m
-    launch bench --shape qwen-7b`). On oneDNN (bf16 units) a row's result depends on the rows batched with
+    decoded 1.03 tok/s at batch 1 and 0.70 tok/s in total at batch 4 on an AVX2-only machine
+    (`make bench ARGS=--shape qwen-7b`). On oneDNN (bf16 units) a row's result depends on the rows batched with
     it (choose_backend), and a batched answer must equal the single one.
     """
     if dtype == torch.bfloat16 and native_kernel()[0] is None:
@@ -254,7 +254,7 @@ def prepack_linears(model: nn.Module) -> int:
                 setattr(parent, name, KernelLinear(child, backend))
                 n += 1
     if backend is not ONEDNN:  # on the project's kernels: attention, norms, rotary and SiLU too
-        from launch.batching import attention, fused_ops
+        from engine.kernels import attention, fused_ops
 
         kernel = native_kernel()[0]
         attention.install(kernel)  # batched == alone, and faster bf16 decode

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from launch.bench_stats import Stat
+from bench.stats import Stat
 
 PROMPT = "Count from 1 to 300, separated by commas, and say nothing else."
 

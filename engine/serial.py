@@ -4,7 +4,7 @@ Some adapters generate in their own way: ChatGLM3 builds its input ids from the 
 `build_chat_input` and stops on its role tokens (worker_adapters/chatglm3.py), and stock FastChat
 has its own functions for ChatGLM, Falcon, CodeT5+... The batching engine tokenizes the prompt
 and drives a plain causal-LM forward, which would be wrong for them. The batching worker routes
-such models here (launch/batching/select.py): the same worker protocol and queue accounting,
+such models here (engine/select.py): the same worker protocol and queue accounting,
 the adapter's generate function run to completion one request after another, like FastChat's
 stock worker does.
 """
@@ -15,10 +15,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from launch.batching.cores import CoreLease
-from launch.batching.engine import STREAM_INTERVAL, Chunk
-from launch.batching.params import GenParams
-from launch.batching.thread import EngineThread
+from engine.batching import STREAM_INTERVAL, Chunk
+from engine.host.cores import CoreLease
+from engine.params import GenParams
+from engine.thread import EngineThread
 
 log = logging.getLogger("batching")
 

@@ -14,7 +14,7 @@ single" rests on it. And one bf16 decode token's attention reads the cache once 
 slower at 1000 tokens; in fp32 torch's is about as fast: Qwen2.5-0.5B decode steps 122 against 127 ms at
 one row, 178 against 178 at four, an earlier session's measurement).
 
-Installed by prepack_linears where linears run on the project's kernels (launch/batching/kernels.py),
+Installed by prepack_linears where linears run on the project's kernels (engine/kernels/linear.py),
 so only in a process that serves or benchmarks such a model.
 """
 

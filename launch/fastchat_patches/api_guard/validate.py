@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launch.api_guard.errors import ApiError, bad_request
+from launch.fastchat_patches.api_guard.errors import ApiError, bad_request
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image_url")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch import metrics
+from launch.fastchat_patches.api_guard import metrics
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("cpu_arena_request", default=None)
 

@@ -1,4 +1,4 @@
-/* Memory read bandwidth probe for the bench (launch/bench_raw.py): sums a large fp32 array.
+/* Memory read bandwidth probe for the bench (bench/raw.py): sums a large fp32 array.
  *
  * Why not torch's x.sum(): the roofline must be the most the memory gives a reader, and the bf16
  * decode kernel, which reads 8 rows at once per thread, outran torch's sum on this machine (decode

@@ -1,4 +1,4 @@
-"""Continuous batching for the project's FastChat-compatible worker (launch/batching_worker.py).
+"""Continuous batching for the project's FastChat-compatible worker (engine/worker.py).
 
 - params.py: FastChat's request dict -> typed sampling/stop parameters, and per-row token choice.
 - text.py:   incremental detokenization (no re-decoding of the whole output) and stop strings.

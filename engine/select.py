@@ -68,7 +68,7 @@ def batching_refusal(model) -> str:
             out = model(input_ids=torch.zeros(1, PROBE_TOKENS, dtype=torch.long), use_cache=True, logits_to_keep=1)
     except Exception as e:  # noqa: BLE001 - any failure of the engine's call is a reason to stay serial
         return f"a forward as the engine calls it raised {type(e).__name__}: {e}"
-    from launch.batching.prefill import legacy
+    from engine.prefill import legacy
 
     try:
         layers = legacy(out.past_key_values)
@@ -88,10 +88,10 @@ def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_
     prefix_cache: a prefix_cache.PrefixCache for the batching engine, or None."""
     chosen = {} if stream_interval is None else {"stream_interval": stream_interval}
     if plan.kind == "batching":
-        from launch.batching.engine import BatchEngine
+        from engine.batching import BatchEngine
 
         return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease,
                            prefix_cache=prefix_cache, **chosen)
-    from launch.batching.serial import SerialEngine
+    from engine.serial import SerialEngine
 
     return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease, **chosen)

@@ -116,7 +116,7 @@ def usable(model) -> str | None:
     whose results do not depend on how a prompt was split. PyTorch's own kernels sum in blocks that do."""
     import torch.nn.functional as F
 
-    from launch.batching.engine import takes_ready_mask  # here: the engine imports this module
+    from engine.batching import takes_ready_mask  # here: the engine imports this module
 
     if not takes_ready_mask(model):
         return "the model builds its own attention mask (remote code, eager attention or a sliding window)"

@@ -6,7 +6,7 @@ the running batch: every row is left-padded to the longest row and masked, and e
 runs all rows at once. A row leaves as soon as it stops (its own stop tokens/strings/length),
 and fully padded leading columns are trimmed. Decoding on CPU is memory-bound: a step reads every
 weight once whatever the batch size, so B rows cost little more than one (with the right matmul
-kernels, launch/batching/kernels.py).
+kernels, engine/kernels/linear.py).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from launch.batching.attention import PROMPT_QUERIES_MAX
-from launch.batching.cores import CoreLease
-from launch.batching.kv_cache import GrowingCache
-from launch.batching.params import GenParams, choose_token, greedy_tokens
-from launch.batching.prefill import prefill, prefill_after
-from launch.batching.prefix_cache import Hit, PrefixCache, row_layers, usable
-from launch.batching.text import IncrementalText, StopText
-from launch.batching.thread import EngineThread
+from engine.host.cores import CoreLease
+from engine.kernels.attention import PROMPT_QUERIES_MAX
+from engine.kv_cache import GrowingCache
+from engine.params import GenParams, choose_token, greedy_tokens
+from engine.prefill import prefill, prefill_after
+from engine.prefix_cache import Hit, PrefixCache, row_layers, usable
+from engine.text import IncrementalText, StopText
+from engine.thread import EngineThread
 
 log = logging.getLogger("batching")
 
@@ -218,7 +218,7 @@ class BatchEngine(EngineThread):
         return group
 
     def _admit(self, group: list[Request]) -> None:
-        """Prefill new requests together (launch/batching/prefill.py), then join them to the batch.
+        """Prefill new requests together (engine/prefill.py), then join them to the batch.
 
         When requests arrive together (several users at once) one prefill pass reads the weights
         once for all of them, their common beginning is computed once, and the running rows wait for
@@ -388,7 +388,7 @@ class BatchEngine(EngineThread):
 def takes_ready_mask(model) -> bool:
     """Whether decode steps may give the model a ready 4D boolean mask instead of the 2D one (and
     whether prefill may compute a common beginning of prompts once: that takes a 2D mask with a gap
-    and explicit positions over a cache, launch/batching/prefill.py).
+    and explicit positions over a cache, engine/prefill.py).
 
     For a batch with padded rows, transformers builds the 4D mask again at every forward
     (create_causal_mask, a vmap over the batch); a 4D mask is used as it is. Interleaved runs of

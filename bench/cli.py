@@ -1,4 +1,4 @@
-"""`make bench` / `python -m launch bench --config X [--json PATH] [--quick] [--worker W] [--shape qwen-7b]`.
+"""`make bench` / `python -m bench --config X [--json PATH] [--quick] [--worker W] [--shape qwen-7b]`.
 
 One run measures, per configured model: raw transformers `generate` (batch 1) decode tokens/s and
 time to first token; the same through the running OpenAI API with streaming, and their ratio;
@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from launch.bench_stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
+from bench.stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
+from engine.host.hardware import cpu_count, resolve_dtype
 from launch.config import REPO_ROOT, ArenaConfig, ConfigError, load_config, write_config
-from launch.hardware import cpu_count, resolve_dtype
 from launch.ports import on_free_ports
 from launch.state import is_ours, read_state
 
@@ -36,20 +36,20 @@ CLIENTS = (1, 2, 4, 8)
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m launch bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n", 1)[1].strip(),
         epilog="Examples:\n"
-               "  python -m launch bench                       # every configured model (~6-8 min on 2 quiet cores)\n"
-               "  python -m launch bench --quick --models smollm2-135m          # smoke run, ~3 min\n"
-               "  python -m launch bench --quick --models smollm2-135m --worker fastchat   # the stock worker\n"
-               "  python -m launch bench --shape qwen-7b       # 7B-shaped bf16 model, no download, ~16 GB RAM\n"
+               "  make bench                                          # every configured model (~6-8 min on 2 quiet cores)\n"
+               "  make bench ARGS='--quick --models smollm2-135m'     # smoke run, ~3 min\n"
+               "  make bench ARGS='--quick --models smollm2-135m --worker fastchat'   # the stock worker\n"
+               "  make bench ARGS='--shape qwen-7b'                   # 7B-shaped bf16 model, no download, ~16 GB RAM\n"
                "The machine should be quiet: other processes on the cores skew every number (see the load\n"
                "average in the report).")
     p.add_argument("--json", type=Path, default=None,
                    help="write the JSON report here (default run/bench/bench-<time>.json; the plot next to it)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 16 tokens, 1 repeat and round, 1 and 2 clients "
-                        "(default: 48 tokens, 3 repeats, 5 rounds of 1,2,4,8)")
+                        "(default: 48 tokens, 3 repeats, 9 rounds of 1,2,4,8)")
     p.add_argument("--worker", choices=("batching", "fastchat"), default=None,
                    help="serve every model with this worker in a stack the bench starts (default: as configured)")
     p.add_argument("--models", default=None,
@@ -157,9 +157,9 @@ def _next_turn(cfg: ArenaConfig, name: str, model, tok, ids, tokens: int, repeat
     """(second turn's prompt tokens, tokens kept, prefill whole, prefill from the kept turn), on the worker's
     kernels (this model is put on them here: raw generate is done with it), or None where the worker keeps no
     prefix cache (prefix_cache.usable)."""
-    from launch.batching import attention, fused_ops
-    from launch.batching.kernels import prepack_linears
-    from launch.batching.prefix_cache import usable
+    from engine.kernels import attention, fused_ops
+    from engine.kernels.linear import prepack_linears
+    from engine.prefix_cache import usable
 
     m = cfg.model(name)
     if not m.prepack_weights or m.prefix_cache_mb == 0:
@@ -175,8 +175,8 @@ def _next_turn(cfg: ArenaConfig, name: str, model, tok, ids, tokens: int, repeat
 def _measure_next_turn(cfg: ArenaConfig, m, model, tok, ids, tokens: int, repeats: int):
     from fastchat.model.model_adapter import get_conversation_template
 
-    from launch.bench_api import PROMPT
-    from launch.bench_raw import next_turn_prefill
+    from bench.api import PROMPT
+    from bench.raw import next_turn_prefill
 
     first = ids[0].tolist()
     answer = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0,
@@ -194,7 +194,7 @@ def _measure_next_turn(cfg: ArenaConfig, m, model, tok, ids, tokens: int, repeat
 def _prompt_ids(cfg: ArenaConfig, name: str, tok):
     from fastchat.model.model_adapter import get_conversation_template
 
-    from launch.bench_api import PROMPT
+    from bench.api import PROMPT
 
     conv = get_conversation_template(str(cfg.model_path(cfg.model(name))))
     conv.append_message(conv.roles[0], PROMPT)
@@ -207,10 +207,10 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
 def run_shape(args: argparse.Namespace) -> int:
     import torch
 
-    from launch.batching.hugepages import collapse_model
-    from launch.batching.kernels import linear_backend, prepack_linears
-    from launch.batching.kv_cache import GrowingCache
-    from launch.bench_raw import ReadProbe, build_shape_model, param_bytes, probe_name, probed_decode, raw_decode
+    from bench.raw import ReadProbe, build_shape_model, param_bytes, probe_name, probed_decode, raw_decode
+    from engine.host.hugepages import collapse_model
+    from engine.kernels.linear import linear_backend, prepack_linears
+    from engine.kv_cache import GrowingCache
 
     n = cpu_count()
     torch.set_num_threads(n)
@@ -218,7 +218,7 @@ def run_shape(args: argparse.Namespace) -> int:
     model = build_shape_model(args.shape)
     built = time.perf_counter() - t
     total, emb, tied = param_bytes(model)
-    # As the batching worker would serve it (launch/batching/kernels.py).
+    # As the batching worker would serve it (engine/kernels/linear.py).
     kernels = linear_backend(torch.bfloat16) if prepack_linears(model) else "PyTorch's kernels"
     huge, why = collapse_model(model)
     kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
@@ -228,7 +228,7 @@ def run_shape(args: argparse.Namespace) -> int:
     ids = torch.randint(0, 1000, (1, 64))
     probe = ReadProbe(n)
     # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
-    # ~300 ms step here at 80 tokens (launch/batching/kv_cache.py).
+    # ~300 ms step here at 80 tokens (engine/kv_cache.py).
     raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
     rates, ttfts, steps, readings = [], [], [], []
     for _ in range(repeats):
@@ -324,7 +324,7 @@ class Plan:
             repeats=args.repeats or (1 if args.quick else 3),
             # More rounds than repeats: a round's ratio is off when the VM's memory speed switches between
             # its 1-client and N-client runs (either way: too high or too low); a median needs most rounds clean.
-            # 5 rounds left it to 2 or 3 such rounds twice in session 16 (SmolLM2 x2.98, Qwen2.5 x2.55).
+            # With 5 rounds, two or three such rounds decided the median (SmolLM2 x2.98, Qwen2.5 x2.55 seen).
             rounds=args.rounds or (1 if args.quick else 9),
             clients=args.clients or ((1, 2) if args.quick else CLIENTS),
         )
@@ -375,8 +375,8 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
 def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
-    from launch.bench_api import aggregate_rounds, api_decode, shared_decode
-    from launch.bench_raw import ReadProbe, bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
+    from bench.api import aggregate_rounds, api_decode, shared_decode
+    from bench.raw import ReadProbe, bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
 
     tokens, repeats, rounds, clients = plan.tokens, plan.repeats, plan.rounds, plan.clients
 
@@ -442,3 +442,23 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     if not args.no_plot:
         plot(reports, path.with_suffix(".png"))
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`python -m bench [--config FILE] [options]` (what `make bench` runs)."""
+    from launch.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            print("error: --config needs a file", file=sys.stderr)
+            return 2
+        config = argv[i + 1]
+        del argv[i:i + 2]
+    try:
+        return main(load_config(config), argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

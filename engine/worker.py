@@ -1,18 +1,18 @@
 """A FastChat-compatible model worker that batches concurrent requests (continuous batching).
 
-    python -m launch.fastchat_entry launch.batching_worker <the arguments of fastchat.serve.model_worker>
+    python -m launch.fastchat_entry engine.worker <the arguments of fastchat.serve.model_worker>
 
 It speaks FastChat's worker protocol unchanged (register + heartbeat with the controller,
 /worker_generate_stream, /worker_generate, /worker_get_status, /count_token,
 /worker_get_conv_template, /model_details), so FastChat's API server and UI use it as they use
 the stock worker. Differences that matter: requests arriving while others decode join the
-running batch (launch/batching/engine.py), output text is built incrementally and streamed at the
+running batch (engine/batching.py), output text is built incrementally and streamed at the
 first token, then every `--stream-interval` tokens as FastChat's worker does (default 2; chunks the HTTP
 side has not sent yet are merged: the text is cumulative), and the
 model, conversation template and generate function come from FastChat's adapters (`load_model`,
 `get_conversation_template`, `get_generate_stream_function`), which honour the project's
 worker_adapters. A model whose adapter brings its own generate function (ChatGLM3) is served
-one request at a time through that function (launch/batching/select.py).
+one request at a time through that function (engine/select.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from launch.batching.cores import lease_from_env
-from launch.batching.engine import STREAM_INTERVAL, Chunk
-from launch.batching.hugepages import collapse_model, release_checkpoint_files
-from launch.batching.kernels import batch_rows_limit, linear_backend, prepack_linears
-from launch.batching.params import GenParams
-from launch.batching.prefix_cache import PrefixCache
-from launch.batching.prefix_cache import usable as prefix_cache_usable
-from launch.batching.select import build_engine, plan_for
-from launch.batching.thread import off_main_thread
+from engine.batching import STREAM_INTERVAL, Chunk
+from engine.host.cores import lease_from_env
+from engine.host.hugepages import collapse_model, release_checkpoint_files
+from engine.kernels.linear import batch_rows_limit, linear_backend, prepack_linears
+from engine.params import GenParams
+from engine.prefix_cache import PrefixCache
+from engine.prefix_cache import usable as prefix_cache_usable
+from engine.select import build_engine, plan_for
+from engine.thread import off_main_thread
 from launch.config import ModelConfig
 from launch.fastchat_patches.worker_errors import error_chunk, exception_text
 
@@ -90,7 +90,7 @@ def _base_worker_class():
                 release_checkpoint_files(model)
                 return model, tokenizer
 
-            # Not on the main thread: its OpenMP pool would outlive the loading (launch/batching/thread.py).
+            # Not on the main thread: its OpenMP pool would outlive the loading (engine/thread.py).
             self.model, self.tokenizer = off_main_thread(load)
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rows decoded together (default: the model's max_batch in the config, else 8)")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="linear layers on the AVX2 kernel or oneDNN packed weights (default: the model's prepack_weights, "
-                        "else yes; launch/batching/kernels.py)")
+                        "else yes; engine/kernels/linear.py)")
     p.add_argument("--prefix-cache-mb", type=int, default=None,
                    help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off "
                         "(default: the model's prefix_cache_mb in the config, else 256)")

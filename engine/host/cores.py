@@ -2,7 +2,7 @@
 
 Why: a static split (cores / workers) leaves a worker with one thread even while the other
 workers sit idle, and on this CPU a 4-row decode step needs two threads to cost about one
-row (launch/batching/kernels.py). Giving every worker all cores instead oversubscribes them
+row (engine/kernels/linear.py). Giving every worker all cores instead oversubscribes them
 the moment two decode at once, and OpenMP's busy-wait then makes a worker ~28x slower
 (STACK.md). So the workers of a stack share a small file (`run/cores.lease`): one slot per
 worker holding "busy until" on the system-wide monotonic clock. Before each step (and each

@@ -1,0 +1,1 @@
+"""`make bench`: served and raw decode speed, client scaling, the bandwidth roofline (cli.py)."""

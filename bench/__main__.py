@@ -1,0 +1,5 @@
+import sys
+
+from bench.cli import run
+
+sys.exit(run())
