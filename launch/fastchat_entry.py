@@ -41,10 +41,8 @@ def prepare_process() -> None:
     """Everything a FastChat process needs before FastChat's own code runs."""
     _limit_threads()
     from launch.fastchat_patches import apply_all
-    from worker_adapters import register_adapters
 
-    apply_all()
-    register_adapters()
+    apply_all()  # the adapter_dispatch patch registers the project's adapters
 
 
 def _run_uvicorn_service(module_name: str) -> None:

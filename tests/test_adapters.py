@@ -36,7 +36,7 @@ def arena(ckpts, tmp_path, monkeypatch):
         cfg = write_arena_config(tmp_path / "arena.toml", models)
         monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
         monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        worker_adapters.register_adapters()
+        hooks.apply()  # registers our adapters and installs the dispatch
         hooks.clear_caches()
         return cfg
     yield make

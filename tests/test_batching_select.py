@@ -7,7 +7,6 @@ import threading
 import pytest
 import torch
 
-import worker_adapters
 from engine.params import GenParams
 from engine.select import build_engine, plan_for
 from launch.fastchat_patches import adapter_dispatch as hooks
@@ -32,7 +31,7 @@ def arena(ckpts, tmp_path, monkeypatch):
         cfg = write_arena_config(tmp_path / "arena.toml", models)
         monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
         monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        worker_adapters.register_adapters()
+        hooks.apply()  # registers our adapters and installs the dispatch
         hooks.clear_caches()
         return cfg
     make()

@@ -12,7 +12,6 @@ import pytest
 import torch
 from fastchat.model import model_adapter as ma
 
-import worker_adapters
 from engine.select import plan_for
 from launch.config import REPO_ROOT
 from launch.fastchat_patches import adapter_dispatch as hooks
@@ -48,7 +47,7 @@ def lab_config(lab_models, tmp_path, monkeypatch):
             for name, path in lab_models.items()])
         monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
         monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        worker_adapters.register_adapters()
+        hooks.apply()  # registers our adapters and installs the dispatch
         hooks.clear_caches()
         return cfg
 
@@ -66,7 +65,7 @@ def loaded(lab_models):
         cfg = write_arena_config(lab_models[GLM].parent.parent / "arena.toml", [
             {"name": n, "path": str(p), "dtype": "float32", "trust_remote_code": True} for n, p in lab_models.items()])
         mp.setenv("CPU_ARENA_CONFIG", str(cfg))
-        worker_adapters.register_adapters()
+        hooks.apply()  # registers our adapters and installs the dispatch
         hooks.clear_caches()
         for name, path in lab_models.items():
             model, tok = ADAPTERS[name]().load_model(str(path), {})

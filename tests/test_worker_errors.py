@@ -18,7 +18,6 @@ import openai
 import pytest
 import torch
 
-import worker_adapters
 from engine.batching import Chunk
 from engine.params import GenParams
 from engine.serial import SerialEngine
@@ -91,7 +90,7 @@ def patched(ckpt, tmp_path_factory, mp):
     mp.delenv("CPU_ARENA_MODEL", raising=False)
     mp.delenv("CPU_ARENA_API_KEYS", raising=False)
     apply_all()
-    worker_adapters.register_adapters()
+    hooks.apply()  # registers our adapters and installs the dispatch
     hooks.clear_caches()
     yield
     hooks.clear_caches()

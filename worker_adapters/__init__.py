@@ -1,7 +1,8 @@
 """Custom FastChat model adapters for local checkpoints on CPU.
 
 `register_adapters()` is the named registration point: every FastChat process calls it (through
-launch.fastchat_entry) so the worker, the API server and the UI all agree on templates.
+the adapter_dispatch patch that launch.fastchat_entry applies) so the worker, the API server and the
+UI all agree on templates.
 
 Each adapter lives in its own module and registers itself with the `@adapter` decorator when the
 module is imported (the `llm` plugin style). ADAPTER_MODULES lists them in priority order: the
@@ -27,7 +28,6 @@ ADAPTER_MODULES: tuple[str, ...] = (
 
 # Adapter classes in registration order, filled by @adapter as the modules above are imported.
 ADAPTERS: list[type] = []
-_registered = False
 
 
 def adapter(cls: type) -> type:
@@ -52,17 +52,13 @@ def _in_priority_order() -> list[type]:
 
 
 def register_adapters() -> list[str]:
-    """Insert our adapters at the front of FastChat's list and install the hooks. Idempotent."""
-    global _registered
+    """Insert our adapters at the front of FastChat's list. Idempotent. FastChat asks them by content
+    only once the patch launch.fastchat_patches.adapter_dispatch is applied (its apply() calls this)."""
     for mod in ADAPTER_MODULES:
         importlib.import_module(mod)
     from fastchat.model import model_adapter as ma
 
-    from launch.fastchat_patches import adapter_dispatch
-
     present = {type(a) for a in ma.model_adapters}
     missing = [cls() for cls in _in_priority_order() if cls not in present]
     ma.model_adapters[0:0] = missing
-    adapter_dispatch.install()
-    _registered = True
     return [type(a).__name__ for a in our_adapters()]

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker_adapters.modelscope import modelscope_variants
+
 
 @dataclass(frozen=True)
 class CheckpointInfo:
@@ -70,17 +72,6 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def modelscope_variants(path: Path) -> list[Path]:
-    """ModelScope stores '.' in repo names as '___' (Qwen2.5 -> Qwen2___5); try both spellings."""
-    out = [path]
-    name = path.name
-    if "." in name:
-        out.append(path.with_name(name.replace(".", "___")))
-    if "___" in name:
-        out.append(path.with_name(name.replace("___", ".")))
-    return out
-
-
 def _existing_checkpoint(path: Path) -> Path | None:
     for cand in modelscope_variants(path):
         if (cand / "config.json").is_file():
@@ -94,7 +85,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
     found = _existing_checkpoint(Path(os.path.expanduser(raw)))
     if found:
         return found
-    from worker_adapters.policy import config_path_for_name
+    from worker_adapters.policy import config_path_for_name  # the config file maps model names to folders
 
     configured = config_path_for_name(raw)
     return _existing_checkpoint(configured) if configured else None

@@ -48,7 +48,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def entry_for_path(model_path: str | os.PathLike) -> tuple[ArenaConfig, ModelConfig] | tuple[None, None]:
     """The config entry serving this path: the worker's own (CPU_ARENA_MODEL) first, else by path."""
-    from worker_adapters.checkpoint import modelscope_variants
+    from worker_adapters.modelscope import modelscope_variants
 
     cfg = current_config()
     if cfg is None:
