@@ -48,7 +48,7 @@ def prefill(model, prompts: list[list[int]], pad: int, *, share: bool) -> tuple[
     """(each prompt's last-position logits [rows, vocab], legacy KV cache in the engine's layout).
 
     `share`: the model takes a 2D mask with a gap and explicit positions over a cache (native transformers
-    models, engine.takes_ready_mask); then a common beginning of SHARED_PREFIX_MIN tokens or more is
+    models, model_inputs.takes_ready_mask); then a common beginning of SHARED_PREFIX_MIN tokens or more is
     computed once."""
     shared = shared_prefix_len(prompts) if share and len(prompts) > 1 else 0
     if shared >= SHARED_PREFIX_MIN:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.model_inputs import takes_ready_mask
+
 # A common beginning shorter than this is computed again: starting a prompt from kept keys costs a prefill
 # pass apart from the prompts that start from nothing kept, which a few tokens do not pay for.
 MIN_TOKENS = 16
@@ -111,12 +113,10 @@ def row_layers(layers: tuple, row: int, start: int, stop: int) -> tuple:
 
 def usable(model) -> str | None:
     """None where a prompt started from kept keys and values gets the logits of a whole prefill, else why not:
-    the model must take a cache and explicit positions in its prefill (engine.takes_ready_mask) and run its
+    the model must take a cache and explicit positions in its prefill (model_inputs.takes_ready_mask) and run its
     attention on the project's kernel (attention.py; installed with the kernel linears, kernels.prepack_linears),
     whose results do not depend on how a prompt was split. PyTorch's own kernels sum in blocks that do."""
     import torch.nn.functional as F
-
-    from engine.batching import takes_ready_mask  # here: the engine imports this module
 
     if not takes_ready_mask(model):
         return "the model builds its own attention mask (remote code, eager attention or a sliding window)"

@@ -232,7 +232,7 @@ def test_padded_decode_steps_use_a_ready_mask(engine, monkeypatch):
     """Rows of different lengths: transformers builds no mask per step (it costs ~15% of a 4-row step)."""
     from transformers import masking_utils
 
-    from engine.batching import takes_ready_mask
+    from engine.model_inputs import takes_ready_mask
 
     assert takes_ready_mask(engine.model)
     built = []
@@ -269,7 +269,7 @@ def test_padded_decode_steps_use_a_ready_mask(engine, monkeypatch):
 def test_which_models_take_a_ready_mask(module, attn, extra, ready):
     from types import SimpleNamespace
 
-    from engine.batching import takes_ready_mask
+    from engine.model_inputs import takes_ready_mask
 
     model_class = type("M", (), {"__module__": module})
     model = model_class()
