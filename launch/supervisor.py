@@ -12,7 +12,6 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from launch import probes
 from launch.config import ArenaConfig
@@ -214,9 +213,3 @@ def main(config_path: str | None) -> int:
 
     cfg = load_config(config_path)
     return Supervisor(cfg).run()
-
-
-def run_dir_of(config_path: str | None) -> Path:
-    from launch.config import load_config
-
-    return load_config(config_path).run_dir()
