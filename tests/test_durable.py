@@ -12,7 +12,6 @@ import time
 import pytest
 
 from launch.config import REPO_ROOT
-from launch.fastchat_patches.durable_ui_logs import DurableAppend
 from launch.jsonl_log import append_record, read_records
 
 WRITER = r"""
@@ -88,58 +87,14 @@ def test_append_after_a_torn_record_cuts_it_off(tmp_path, kept):
     assert [r["i"] for r in read_records(path)] == list(range(kept + 1))
 
 
-def test_durable_append_writes_whole_record_on_close_and_nothing_on_error(tmp_path):
-    path = tmp_path / "conv.json"
-    with DurableAppend(path) as f:
-        f.write(json.dumps({"a": 1}))
-        assert not path.exists()  # nothing reaches the file half-way
-        f.write("\n")
-    with pytest.raises(RuntimeError), DurableAppend(path) as f:
-        f.write('{"b": ')
-        raise RuntimeError("state.dict() failed mid-record")
-    assert list(read_records(path)) == [{"a": 1}]
+def test_ui_log_records_go_through_the_durable_writer(tmp_path, monkeypatch):
+    import launch.jsonl_log as jl
+    from launch.ui import logs
 
-
-UI_WRITE = r"""
-import json, sys
-import launch.jsonl_log as jl
-calls = []
-orig = jl.append_line
-jl.append_line = lambda *a, **k: (calls.append(a[0]), orig(*a, **k))
-if sys.argv[1] == "patched":
-    from launch.fastchat_patches import apply_all
-    apply_all()
-import fastchat.serve.gradio_web_server as g
-import fastchat.serve.gradio_block_arena_named as named
-
-class State:
-    def dict(self):
-        return {"conv": "明明喜欢白"}
-
-class Request:
-    headers = {}
-    class client:
-        host = "127.0.0.1"
-
-g.vote_last_response(State(), "upvote", "smollm2-135m", Request())
-named.vote_last_response([State(), State()], "leftvote", ["a", "b"], Request())
-open(sys.argv[2], "w").write(json.dumps(calls))
-"""
-
-
-@pytest.mark.parametrize("mode", ["patched", "stock"])
-def test_ui_vote_logs_go_through_the_durable_writer(tmp_path, mode):
-    env = {**os.environ, "LOGDIR": str(tmp_path)}
-    out = tmp_path / "calls.out"
-    proc = subprocess.run([sys.executable, "-c", UI_WRITE, mode, str(out)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    calls = json.loads(out.read_text())
-    logs = list(tmp_path.glob("*-conv.json"))
-    assert len(logs) == 1
-    records = list(read_records(logs[0]))
-    assert [r["type"] for r in records] == ["upvote", "leftvote"]
-    if mode == "patched":
-        assert calls == [str(logs[0])] * 2
-    else:  # stock FastChat writes through a buffered open(): the check above is what the patch adds
-        assert calls == []
+    calls = []
+    real = jl.append_line
+    monkeypatch.setattr(jl, "append_line", lambda path, line, **kw: calls.append(str(path)) or real(path, line, **kw))
+    monkeypatch.setattr(logs, "log_path", lambda: str(tmp_path / "conversations" / "2026-01-01-conv.json"))
+    path = logs.append_record({"type": "upvote", "text": "明明喜欢白"})
+    assert calls == [path]  # one durable append per record, even in a folder that did not exist
+    assert list(read_records(path)) == [{"type": "upvote", "text": "明明喜欢白"}]

@@ -1,12 +1,8 @@
-"""The UI-side FastChat patches: hold back half characters, battle pairs without NaN, offline page."""
+"""The UI-side FastChat patches: hold back half characters, offline page."""
 
 from __future__ import annotations
 
-import random
-
-import pytest
-
-from launch.fastchat_patches import ui_battle_pair, ui_offline_page, ui_utf8_stream
+from launch.fastchat_patches import ui_offline_page, ui_utf8_stream
 
 
 def _chunks_of(text: str, tokens_bytes: list[bytes]):
@@ -46,32 +42,6 @@ def test_worker_stream_function_is_wrapped():
 
     func = model_worker.get_generate_stream_function(object(), "/models/some-llama")
     assert getattr(func, "_cpu_arena_utf8", False)
-
-
-def test_battle_pair_is_two_different_served_models():
-    rng = random.Random(0)
-    names = ["smollm2-135m", "qwen2.5-coder-0.5b", "local-x"]  # none is in FastChat's weight table
-    seen = set()
-    for _ in range(300):
-        a, b = ui_battle_pair.battle_pair(names, rng)
-        assert a != b and {a, b} <= set(names)
-        seen.add((a, b))
-    assert len(seen) == 6  # every ordered pair: both sides random
-    assert ui_battle_pair.battle_pair(["only"]) == ("only", "only")
-    with pytest.raises(ValueError):
-        ui_battle_pair.battle_pair([])
-
-
-def test_fastchat_battle_pair_patched_no_nan():
-    from launch.fastchat_patches import apply_all
-
-    apply_all()
-    from fastchat.serve import gradio_block_arena_anony as anony
-
-    anony.models = ["smollm2-135m", "qwen2.5-coder-0.5b"]
-    for _ in range(50):
-        a, b = anony.get_battle_pair()
-        assert {a, b} == set(anony.models)
 
 
 def test_gradio_page_has_no_outside_scripts():

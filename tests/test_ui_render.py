@@ -1,9 +1,15 @@
-"""Per-answer line and anonymous rendering of the chat tabs (no stack needed)."""
+"""The chat tabs without a stack: the per-answer line, anonymous rendering, and the battle's pair."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
+from launch.ui import models
+from launch.ui.battle import battle_pair
 from launch.ui.stream import AnswerStats, add_question, new_session
-from launch.ui.tabs import CURSOR, render
+from launch.ui.tabs import CURSOR, ChatTab, render
 
 
 def _session(model: str = "smollm2-135m"):
@@ -38,3 +44,28 @@ def test_streaming_answer_has_cursor_and_no_speed_yet():
     content = render(s)[1]["content"]
     assert CURSOR in content and "generating" in content and "tok/s" not in content
     assert s.state.conv.messages[-1][1] is None  # the cursor never enters the prompt
+
+
+def test_battle_pair_is_two_different_served_models():
+    rng = random.Random(0)
+    names = ["smollm2-135m", "qwen2.5-coder-0.5b", "local-x"]  # none is in FastChat's weight table
+    seen = set()
+    for _ in range(300):
+        a, b = battle_pair(names, rng)
+        assert a != b and {a, b} <= set(names)
+        seen.add((a, b))
+    assert len(seen) == 6  # every ordered pair: both sides random
+    assert battle_pair(["only"]) == ("only", "only")
+    with pytest.raises(ValueError):
+        battle_pair([])
+
+
+def test_a_battle_pits_two_different_served_models_against_each_other(monkeypatch):
+    served = ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    monkeypatch.setattr(models, "served_models", lambda: served)
+    for _ in range(20):
+        out = ChatTab("battle", 2).add_text(None, None, None, "", "", "Hello?")
+        sessions = out[:2]
+        assert sorted(s.model for s in sessions) == sorted(served)
+        assert [s.label for s in sessions] == ["Model A", "Model B"]  # anonymous until the vote
+        assert all(s.state.conv.messages[-2][1] == "Hello?" for s in sessions)

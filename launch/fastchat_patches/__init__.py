@@ -18,9 +18,8 @@ PATCHES: tuple[str, ...] = (
     # Our adapters are asked first, by checkpoint content (worker_adapters/).
     "adapter_dispatch",
     "ui_utf8_stream",
-    "ui_battle_pair",
     "ui_offline_page",
-    # The API server's guard (issue 5); api_errors wraps get_worker_address before api_limits.
+    # The API server's guard; api_errors wraps get_worker_address before api_limits.
     "api_errors",
     "api_limits",
     "api_keys",
@@ -29,7 +28,6 @@ PATCHES: tuple[str, ...] = (
     # The stock worker's side of api_errors' 500s: the exception, not FastChat's "NETWORK ERROR" line.
     "worker_errors",
     "controller_fast_removal",
-    "durable_ui_logs",
 )
 
 _applied: set[str] = set()

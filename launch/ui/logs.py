@@ -1,7 +1,7 @@
 """Append-only conversation and vote log, in FastChat's format ($LOGDIR/<date>-conv.json, one JSON per line).
 
-Written through launch/jsonl_log.py (issue 5's durable writer: one O_APPEND write per record under flock, fsync, torn tails cut off),
-the same path FastChat's own log writes take under launch/fastchat_patches/durable_ui_logs.py.
+Written through launch/jsonl_log.py (one O_APPEND write per record under flock, fsync, torn tails cut off), so
+a UI killed mid-record never leaves a line that breaks the log's readers (the leaderboard, the evals' ratings).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ conversation templates, worker protocol and log format, with what a CPU deployme
 - vote buttons open as soon as both answers are streaming, so nobody waits minutes to vote; a vote stops them;
 - each answer carries a line with model, dtype, tokens/s and time to first token (model hidden in battles
   until the vote);
-- battles draw two different served models uniformly (launch.fastchat_patches.ui_battle_pair).
+- battles draw two different served models uniformly (launch/ui/battle.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 from fastchat.constants import CONVERSATION_LIMIT_MSG, CONVERSATION_TURN_LIMIT, INPUT_CHAR_LEN_LIMIT
-from fastchat.serve import gradio_block_arena_anony as fastchat_anony
 from fastchat.serve.gradio_web_server import get_ip
 
 from launch.ui import logs, models
+from launch.ui.battle import battle_pair
 from launch.ui.stream import Session, add_question, new_session, start_answer, stop_answers
 
 CURSOR = "▌"
@@ -87,8 +87,7 @@ class ChatTab:
             return (*sessions, *map(render, sessions), text, *self._vote_updates(False))
         if self.mode == "battle":
             if sessions[0] is None or sessions[1] is None:
-                fastchat_anony.models = models.served_models()
-                pair = fastchat_anony.get_battle_pair()  # patched: two different served models
+                pair = battle_pair(models.served_models())
                 sessions = [new_session(m) for m in pair]
                 for s, label in zip(sessions, SIDE_LABELS, strict=True):
                     s.label = label
