@@ -1,12 +1,15 @@
 """The one config file (deploy/models.toml) that is the source of truth for models and ports.
 
-Every process reads it through `load_config`; nothing else restates ports or model lists.
-Errors name the field and the fix, and are raised before anything starts.
+Commands read it with `load_config`; the long-lived processes with `current_config` (the same, cached until
+the file changes). Nothing else restates ports or model lists. Errors name the field and the fix, and are
+raised before anything starts. A worker never reads this file: launch/services.py puts the model's settings on
+its command line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -14,12 +17,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine import protocol
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "models.toml"
 CONFIG_ENV = "CPU_ARENA_CONFIG"
 
 DTYPES = ("bfloat16", "float32", "auto")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("cpu_arena.config")
 
 
 class ConfigError(ValueError):
@@ -85,17 +91,24 @@ class ModelConfig(_Strict):
     dtype: str = "auto"
     threads: int | Literal["auto"] = "auto"
     trust_remote_code: bool = False
+    # ChatGLM3-6B and Qwen-7B-Chat: "native" runs them on transformers' own GlmForCausalLM / Qwen2ForCausalLM
+    # (no remote code, continuous batching, the project's kernels); "remote" runs the checkpoint's own modelling
+    # code, which needs trust_remote_code = true (worker_adapters/native_loader.py). Other models ignore it.
+    implementation: Literal["native", "remote"] = "native"
     # "batching": the project's continuous-batching worker; "fastchat": stock model_worker.
     worker: Literal["batching", "fastchat"] = "batching"
     port: int | None = Field(None, ge=1, le=65535)
+    # The defaults of the settings a worker gets on its command line are the worker's own (engine/protocol.py).
     # Requests waiting beyond this answer 429 instead of queueing without bound.
-    max_queue: int = Field(16, ge=1)
-    max_batch: int = Field(8, ge=1)
+    max_queue: int = Field(protocol.MAX_QUEUE, ge=1)
+    max_batch: int = Field(protocol.MAX_BATCH, ge=1)
     # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (engine/kernels/linear.py).
-    prepack_weights: bool = True
+    prepack_weights: bool = protocol.PREPACK_WEIGHTS
     # Batching worker: MB of finished requests' keys and values kept, so that a prompt beginning like one of them
     # (the next turn of a chat, a common system prompt) starts from them; 0 = off (engine/prefix_cache.py).
-    prefix_cache_mb: int = Field(256, ge=0)
+    prefix_cache_mb: int = Field(protocol.PREFIX_CACHE_MB, ge=0)
+    # Both workers: a request's text is sent at its first token, then every this many tokens (FastChat's option).
+    stream_interval: int = Field(protocol.STREAM_INTERVAL, ge=1)
     # Conversation template override; normally the adapter detects it from the checkpoint.
     conv_template: str | None = None
     # ModelScope id for `make download`, e.g. "ZhipuAI/chatglm3-6b".
@@ -183,13 +196,13 @@ class ArenaConfig(_Strict):
         return len(self.models) > 1 and all(m.worker == "batching" and m.threads == "auto" for m in self.models)
 
     def controller_url(self) -> str:
-        return f"http://{_url_host(self.server.internal_host())}:{self.server.controller_port}"
+        return f"http://{url_host(self.server.internal_host())}:{self.server.controller_port}"
 
     def api_url(self) -> str:
-        return f"http://{_url_host(self.server.host)}:{self.server.api_port}/v1"
+        return f"http://{url_host(self.server.host)}:{self.server.api_port}/v1"
 
     def ui_url(self) -> str:
-        return f"http://{_url_host(self.server.host)}:{self.server.ui_port}"
+        return f"http://{url_host(self.server.host)}:{self.server.ui_port}"
 
     def check_paths(self) -> None:
         """Refuse to start when a model folder is missing: say which entry and how to get it."""
@@ -216,10 +229,12 @@ class ArenaConfig(_Strict):
             )
 
 
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "::"):
+def url_host(host: str) -> str:
+    """`host` as it goes in a URL: a wildcard bind address becomes loopback (where a client on this machine
+    reaches the service), an IPv6 address gets its brackets (`http://[::1]:8000`)."""
+    if host in ("0.0.0.0", "::", "[::]"):
         return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:
@@ -235,18 +250,65 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def config_path(path: str | Path | None = None) -> Path:
+    """Which file: `path`, else $CPU_ARENA_CONFIG (the launcher sets it for every service), else the default."""
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve()
+
+
+def _unreadable(path: Path, e: OSError) -> ConfigError:
+    if isinstance(e, FileNotFoundError):
+        return ConfigError(f"config file not found: {path}; pass CONFIG=deploy/models.toml")
+    return ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
+
+
 def load_config(path: str | Path | None = None) -> ArenaConfig:
-    path = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve()
+    """Read and validate the config file now. Every problem (missing, unreadable, not TOML, invalid) is a
+    ConfigError naming the file, and the field and the fix where there is one."""
+    path = config_path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}; pass CONFIG=deploy/models.toml") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
         return ArenaConfig(**raw, source=path)
     except ValidationError as e:
         raise ConfigError(_format_errors(path, e)) from None
+
+
+# path -> ((mtime_ns, size) of the file read, the config read from it)
+_cache: dict[Path, tuple[tuple[int, int], ArenaConfig]] = {}
+_reported: set[tuple[Path, str]] = set()
+
+
+def current_config(path: str | Path | None = None, *, optional: bool = False) -> ArenaConfig | None:
+    """The config this process runs with (`path`, else $CPU_ARENA_CONFIG, else the default file).
+
+    For processes that consult it again and again (the API server's patches, the UI, the adapters): the file is
+    parsed once and read again only when its modification time or size changes, so an edit is seen and an
+    unchanged file costs one stat. Errors are load_config's ConfigError; with `optional=True` (callers that work
+    without a config: the UI's model filter, the API server's queue limits, the adapters' lookups, run metadata)
+    each distinct error is logged once and the answer is None.
+    """
+    path = config_path(path)
+    try:
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size)
+        hit = _cache.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        cfg = load_config(path)
+    except (OSError, ConfigError) as e:
+        err = e if isinstance(e, ConfigError) else _unreadable(path, e)
+        if not optional:
+            raise err from None
+        if (path, str(err)) not in _reported:
+            _reported.add((path, str(err)))
+            log.warning("config not used: %s", err)
+        return None
+    _cache[path] = (key, cfg)
+    return cfg
 
 
 def _toml_value(v) -> str:
