@@ -1,5 +1,13 @@
-"""Shared fixtures. The real stack (both embedded models) is started once per test session,
-lazily, by the first test that asks for `stack`; every stack test shares it to keep CI short."""
+"""Shared fixtures and the markers' rule.
+
+Markers (pyproject.toml): `stack` for tests on a running stack, `browser` for headless Chromium, `models`
+for tests that load the embedded models (built by `make setup`) in the test process. `make test-fast` runs
+everything else: no stack, no built models.
+
+The real stack (both embedded models, the default config on free ports) is started once, lazily, by the
+first test that asks for `stack`; every stack test that needs nothing more shares it. Stacks with a config
+of their own (API keys, faults that kill services, a second host, the lab models, two copies of one model)
+belong to their test files."""
 
 from __future__ import annotations
 
@@ -10,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import load_config
-from tests.stackutil import Stack, free_ports_config, stack_for
+from tests.fixtures.checkpoints import make_chat_template_model, serve_from, write_arena_config
+from tests.fixtures.embedded import models_present
+from tests.stackutil import Stack, assert_stopped, free_ports_config, stack_for
 
 os.environ.setdefault("no_proxy", "localhost,127.0.0.1,::1")
 # FastChat's loggers write <name>.log into $LOGDIR (default: the cwd) as soon as a module is imported.
@@ -28,14 +37,17 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_OWN_LOGDIR, ignore_errors=True)
 
 
-def _models_present() -> bool:
-    cfg = load_config()
-    return all((cfg.model_path(m) / "config.json").is_file() for m in cfg.models)
+def pytest_collection_modifyitems(config, items):
+    # A test that asks for the shared stack without the marker would start it inside `make test-fast`.
+    unmarked = [item.nodeid for item in items
+                if "stack" in getattr(item, "fixturenames", ()) and item.get_closest_marker("stack") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using the `stack` fixture must be marked `stack`: {unmarked}")
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    if not _models_present():
+    if not models_present():
         pytest.fail("embedded models are missing: run `make setup` before `make test`")
     tmp = tmp_path_factory.mktemp("stack")
     st = stack_for(free_ports_config(tmp))
@@ -45,16 +57,12 @@ def stack(tmp_path_factory) -> Stack:
     assert_stopped(st)
 
 
-def assert_stopped(st: Stack) -> None:
-    """After `down`: the supervisor and every service it started are gone."""
-    from launch.state import pid_alive, read_state
+@pytest.fixture(scope="session")
+def stack_client(stack):
+    """The official openai client on the shared stack; no retries, so a 429 or 5xx shows as it is."""
+    import openai
 
-    state = read_state(st.run_dir)
-    assert state is not None
-    left = [s.name for s in state.services.values() if pid_alive(s.pid)]
-    if pid_alive(state.supervisor_pid):
-        left.append("supervisor")
-    assert not left, f"processes left after down: {left}"
+    return openai.OpenAI(base_url=stack.api_url, api_key="none", timeout=300, max_retries=0)
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +74,25 @@ def lab_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("modelscope")
     return {"chatglm3-6b": build_chatglm3(root / "ZhipuAI" / "chatglm3-6b"),
             "qwen-7b-chat": build_qwen(root / "qwen" / "Qwen-7B-Chat")}
+
+
+@pytest.fixture(scope="session")
+def chat_template_model(tmp_path_factory) -> Path:
+    """A tiny Llama with SmolLM2's special tokens and chat template (tests/fixtures/checkpoints.py); read only."""
+    return make_chat_template_model(tmp_path_factory.mktemp("ckpt") / "smol")
+
+
+@pytest.fixture
+def serve_config(tmp_path, monkeypatch):
+    """serve_config(models) writes an arena config with these model entries and serves from it in this
+    process (CPU_ARENA_CONFIG, our adapters first); returns its path. Adapter caches are cleared after,
+    so the next test's detection is not answered from this config."""
+    from launch.fastchat_patches import adapter_dispatch as hooks
+
+    def make(models: list[dict]) -> Path:
+        cfg = write_arena_config(tmp_path / "arena.toml", models)
+        serve_from(monkeypatch, cfg)
+        return cfg
+
+    yield make
+    hooks.clear_caches()

@@ -1,4 +1,4 @@
-"""Build configs on free ports and run the real stack from tests."""
+"""Build configs on free ports, run the real stack from tests, and the small helpers stack tests share."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from launch.config import DEFAULT_CONFIG, REPO_ROOT, ArenaConfig, load_config, write_config
 from launch.ports import on_free_ports
+
+# Chat-template control tokens of both embedded models: none may reach a client's text.
+MARKERS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 
 def default_models(names: list[str] | None = None, **overrides) -> list[dict]:
@@ -76,3 +80,31 @@ class Stack:
 
 def stack_for(config_path: Path) -> Stack:
     return Stack(config_path, load_config(config_path))
+
+
+def assert_stopped(st: Stack) -> None:
+    """After `down`: the supervisor and every service it started are gone."""
+    from launch.state import pid_alive, read_state
+
+    state = read_state(st.run_dir)
+    assert state is not None
+    left = [s.name for s in state.services.values() if pid_alive(s.pid)]
+    if pid_alive(state.supervisor_pid):
+        left.append("supervisor")
+    assert not left, f"processes left after down: {left}"
+
+
+def worker_url(st: Stack, model: str) -> str:
+    """The address the controller routes `model` to."""
+    r = httpx.post(f"{st.cfg.controller_url()}/get_worker_address", json={"model": model}, timeout=10)
+    return r.json()["address"]
+
+
+def stream_text(stream) -> tuple[str, str | None]:
+    """An openai chat stream read to its end: (the text, the last finish_reason)."""
+    parts, finish = [], None
+    for c in stream:
+        if c.choices:
+            parts.append(c.choices[0].delta.content or "")
+            finish = c.choices[0].finish_reason or finish
+    return "".join(parts), finish

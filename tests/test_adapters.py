@@ -10,8 +10,7 @@ import torch
 from fastchat.model import model_adapter as ma
 
 import worker_adapters
-from launch.fastchat_patches import adapter_dispatch as hooks
-from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
+from tests.fixtures.checkpoints import make_chat_template_model
 from worker_adapters.chat_template import CONV_NAME, ChatTemplateAdapter
 from worker_adapters.chatglm3 import ChatGLM3Adapter, _clean, build_input_ids, generate_stream_chatglm3
 
@@ -27,20 +26,14 @@ def ckpts(tmp_path_factory):
 
 
 @pytest.fixture
-def arena(ckpts, tmp_path, monkeypatch):
+def arena(ckpts, serve_config):
     """A config with the chat-template model (and, given lab_models, ChatGLM3-6B), set as CPU_ARENA_CONFIG."""
     def make(lab_models: dict | None = None, glm_dtype: str = "float32"):
         models = [{"name": "smol", "path": str(ckpts["smol"]).replace("___", "."), "dtype": "float32"}]
         if lab_models is not None:
             models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": glm_dtype, "trust_remote_code": True})
-        cfg = write_arena_config(tmp_path / "arena.toml", models)
-        monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
-        monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        hooks.apply()  # registers our adapters and installs the dispatch
-        hooks.clear_caches()
-        return cfg
-    yield make
-    hooks.clear_caches()
+        return serve_config(models)
+    return make
 
 
 def test_registration_is_idempotent_and_first():

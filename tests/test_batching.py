@@ -1,15 +1,15 @@
-"""The continuous-batching engine on the real SmolLM2: batched greedy output equals single-request output."""
+"""The continuous-batching engine on the real SmolLM2 (tests marked `models`): batched greedy output equals
+single-request output; its grouping and prefill rules on tiny models or none."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from launch.config import load_config
+from tests.fixtures.embedded import smollm2_path
 
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -17,17 +17,6 @@ PROMPTS = [
     "<|im_start|>user\nList three prime numbers and explain why.<|im_end|>\n<|im_start|>assistant\n",
     "Once upon a time",
 ]
-
-
-def smollm2_path() -> Path:
-    override = os.environ.get("CPU_ARENA_TEST_SMOLLM2")
-    if override:
-        return Path(override)
-    cfg = load_config()
-    path = cfg.model_path(cfg.model("smollm2-135m"))
-    if not (path / "config.json").is_file():
-        pytest.fail(f"embedded model missing at {path}: run `make setup`")
-    return path
 
 
 def _start_engine(dtype_name: str):
@@ -65,6 +54,7 @@ def _submit(engine, prompt: str, n: int, **extra):
     return engine.submit(params, sink), done, chunks
 
 
+@pytest.mark.models
 def test_batched_greedy_equals_single(engine):
     n = 24
     singles = []
@@ -90,6 +80,7 @@ def test_batched_greedy_equals_single(engine):
     assert engine.steps - steps_before < sum(len(ids) for ids, _ in singles)
 
 
+@pytest.mark.models
 @pytest.mark.slow
 def test_bf16_batched_greedy_equals_single():
     """bf16 as a 7B model is served here: on the project's kernels (AVX512_BF16 units or AVX2), batched."""
@@ -109,6 +100,7 @@ def test_bf16_batched_greedy_equals_single():
         attention.uninstall()  # installed with the kernels; the other tests run stock SDPA
 
 
+@pytest.mark.models
 def test_own_stop_and_length_per_request(engine):
     short, d1, c1 = _submit(engine, PROMPTS[3], 3)
     long_, d2, c2 = _submit(engine, PROMPTS[3], 12)
@@ -123,6 +115,7 @@ def test_own_stop_and_length_per_request(engine):
     assert c2[-1].text.startswith(c3[-1].text)
 
 
+@pytest.mark.models
 def test_cancelled_request_leaves_the_batch(engine):
     req, done, _ = _submit(engine, PROMPTS[0], 200)
     time.sleep(0.5)
@@ -133,6 +126,7 @@ def test_cancelled_request_leaves_the_batch(engine):
     assert engine.load() == 0 and len(req.output_ids) < 200
 
 
+@pytest.mark.models
 def test_requests_arriving_together_are_prefilled_together(engine):
     """Prompts of different lengths in one left-padded, masked prefill pass give the single-request answers."""
     prompts = PROMPTS[:3]  # 18-22 tokens: padding within PAD_WASTE, so one group
@@ -172,6 +166,7 @@ def _answers_admitted_together(engine, prompts: list[str], n: int, admitted: lis
     return [list(req.output_ids) for req, _, _ in running]
 
 
+@pytest.mark.models
 def test_requests_a_few_ms_apart_on_an_idle_engine_share_one_prefill(engine):
     """As FastChat's API server forwards requests sent at once: a few ms apart, not together."""
     from engine.batching import ADMIT_GAP_S, BatchEngine
@@ -195,6 +190,7 @@ def test_requests_a_few_ms_apart_on_an_idle_engine_share_one_prefill(engine):
     assert admitted == [3, 1]
 
 
+@pytest.mark.models
 def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
     """The left-padded inputs reproduce every prompt's single-request next-token logits."""
     import torch
@@ -214,6 +210,7 @@ def test_padded_prefill_gives_each_prompt_its_own_logits(engine):
     assert (unmasked[1] - alone[1]).abs().max() > 1e-2
 
 
+@pytest.mark.models
 def test_a_failing_prefill_fails_its_requests_not_the_engine(engine, monkeypatch):
     def broken(group):
         raise RuntimeError("prefill exploded")
@@ -228,6 +225,7 @@ def test_a_failing_prefill_fails_its_requests_not_the_engine(engine, monkeypatch
     assert ok_done.wait(60) and ok_chunks[-1].error is None
 
 
+@pytest.mark.models
 def test_padded_decode_steps_use_a_ready_mask(engine, monkeypatch):
     """Rows of different lengths: transformers builds no mask per step (it costs ~15% of a 4-row step)."""
     from transformers import masking_utils
@@ -277,6 +275,7 @@ def test_which_models_take_a_ready_mask(module, attn, extra, ready):
     assert takes_ready_mask(model) is ready
 
 
+@pytest.mark.models
 def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     """queue_length (engine.load(), read by the HTTP thread) while a group joins the running batch: each
     request is waiting or a row, never both. It read 7 for 4 requests when the rows were extended before
@@ -303,6 +302,7 @@ def test_requests_joining_a_running_batch_are_counted_once(engine, monkeypatch):
     assert seen and max(seen) <= len(PROMPTS), seen
 
 
+@pytest.mark.models
 def test_a_request_cancelled_while_waiting_is_dropped_and_the_engine_goes_on(engine):
     full = [_submit(engine, p, 16) for p in PROMPTS]  # max_batch=4: the batch is full
     deadline = time.monotonic() + 60
@@ -324,6 +324,7 @@ SYSTEM = ("<|im_start|>system\nYou are a careful assistant. Answer briefly and s
           "of the question.<|im_end|>\n")
 
 
+@pytest.mark.models
 def test_prompts_that_begin_alike_share_one_prefill_of_their_beginning(engine, monkeypatch):
     """A common beginning (a system prompt; the same question from two clients) is prefilled once, and every
     answer still equals its single-request answer: the rests have different lengths, so rows are padded."""
@@ -345,6 +346,7 @@ def test_prompts_that_begin_alike_share_one_prefill_of_their_beginning(engine, m
     assert calls == [(4, shared)]
 
 
+@pytest.mark.models
 def test_a_shared_beginning_gives_each_prompt_its_single_logits_and_cache(engine):
     """The shared prefill's logits and cache (gaps moved to the front) match each prompt's own prefill."""
     import torch

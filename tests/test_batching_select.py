@@ -9,34 +9,21 @@ import torch
 
 from engine.params import GenParams
 from engine.select import build_engine, plan_for
-from launch.fastchat_patches import adapter_dispatch as hooks
-from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
 
 GLM = "chatglm3-6b"
 USER = 64795  # <|user|>
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return {"smol": make_chat_template_model(tmp_path_factory.mktemp("ckpt") / "smol")}
-
-
 @pytest.fixture
-def arena(ckpts, tmp_path, monkeypatch):
+def arena(chat_template_model, serve_config):
     """A config with the chat-template model (and, given lab_models, ChatGLM3-6B), set as CPU_ARENA_CONFIG."""
     def make(lab_models: dict | None = None):
-        models = [{"name": "smol", "path": str(ckpts["smol"]), "dtype": "float32"}]
+        models = [{"name": "smol", "path": str(chat_template_model), "dtype": "float32"}]
         if lab_models is not None:
             models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": "float32", "trust_remote_code": True})
-        cfg = write_arena_config(tmp_path / "arena.toml", models)
-        monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
-        monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        hooks.apply()  # registers our adapters and installs the dispatch
-        hooks.clear_caches()
-        return cfg
+        return serve_config(models)
     make()
-    yield make
-    hooks.clear_caches()
+    return make
 
 
 def _load(path):
@@ -96,9 +83,9 @@ def test_chatglm3_is_served_by_its_own_generate_function(lab_models, arena):
         engine.shutdown()
 
 
-def test_chat_template_model_is_batched_with_the_adapters_stop_ids(ckpts, arena):
-    model, tok = _load(ckpts["smol"])
-    plan = plan_for(model, str(ckpts["smol"]))
+def test_chat_template_model_is_batched_with_the_adapters_stop_ids(chat_template_model, arena):
+    model, tok = _load(chat_template_model)
+    plan = plan_for(model, str(chat_template_model))
     assert plan.kind == "batching"
     assert 2 in plan.stop_ids  # <|im_end|>, from generation_config and the template
     # A direct /worker_generate call that sends no stop ids still stops on the model's own.
@@ -106,13 +93,13 @@ def test_chat_template_model_is_batched_with_the_adapters_stop_ids(ckpts, arena)
     assert set(plan.stop_ids) <= params.stop_token_ids
 
 
-def test_serial_engine_equals_batching_engine_on_plain_generate_stream(ckpts, arena):
+def test_serial_engine_equals_batching_engine_on_plain_generate_stream(chat_template_model, arena):
     """The serial path is FastChat's own loop: for a plain model it must agree with the batch engine."""
     from fastchat.serve.inference import generate_stream
 
     from engine.select import EnginePlan
 
-    model, tok = _load(ckpts["smol"])
+    model, tok = _load(chat_template_model)
     prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
     raw = {"prompt": prompt, "temperature": 0, "max_new_tokens": 12, "echo": False, "stop_token_ids": []}
     texts = []
@@ -130,14 +117,14 @@ def test_serial_engine_equals_batching_engine_on_plain_generate_stream(ckpts, ar
 
 
 @pytest.mark.parametrize("kind", ["serial", "batching"])
-def test_both_engines_send_text_every_stream_interval_tokens(ckpts, arena, kind):
+def test_both_engines_send_text_every_stream_interval_tokens(chat_template_model, arena, kind):
     """`--stream-interval N` (FastChat's worker option, default 2): text goes out at the first token, then every N
     tokens, then at the end; the final text is the same whatever N."""
     from fastchat.serve.inference import generate_stream
 
     from engine.select import EnginePlan
 
-    model, tok = _load(ckpts["smol"])
+    model, tok = _load(chat_template_model)
     prompt = "<|im_start|>user\nhello paris<|im_end|>\n<|im_start|>assistant\n"
     raw = {"prompt": prompt, "temperature": 0, "max_new_tokens": 12, "echo": False, "stop_token_ids": []}
     runs = {}

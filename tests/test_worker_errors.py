@@ -23,7 +23,7 @@ from engine.params import GenParams
 from engine.serial import SerialEngine
 from launch.fastchat_patches import adapter_dispatch as hooks
 from launch.fastchat_patches import apply_all
-from tests.fixtures.checkpoints import make_chat_template_model, write_arena_config
+from tests.fixtures.checkpoints import serve_from, write_arena_config
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
@@ -71,33 +71,25 @@ def _behind_controller(worker_app):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_chat_template_model(tmp_path_factory.mktemp("ckpt") / "smol")
-
-
-@pytest.fixture(scope="module")
 def mp():
     with pytest.MonkeyPatch.context() as m:
         yield m
 
 
 @pytest.fixture(scope="module")
-def patched(ckpt, tmp_path_factory, mp):
+def patched(chat_template_model, tmp_path_factory, mp):
     """Every FastChat patch applied, and our adapters serving the fixture checkpoint."""
     cfg = write_arena_config(tmp_path_factory.mktemp("arena") / "arena.toml",
-                             [{"name": MODEL, "path": str(ckpt), "dtype": "float32"}])
-    mp.setenv("CPU_ARENA_CONFIG", str(cfg))
-    mp.delenv("CPU_ARENA_MODEL", raising=False)
+                             [{"name": MODEL, "path": str(chat_template_model), "dtype": "float32"}])
     mp.delenv("CPU_ARENA_API_KEYS", raising=False)
     apply_all()
-    hooks.apply()  # registers our adapters and installs the dispatch
-    hooks.clear_caches()
+    serve_from(mp, cfg)
     yield
     hooks.clear_caches()
 
 
 @pytest.fixture(scope="module")
-def batching_worker(ckpt, patched, mp):
+def batching_worker(chat_template_model, patched, mp):
     """The project's batching worker, its model raising ValueError("boom") at its first forward pass."""
     from fastchat.serve import base_model_worker
 
@@ -106,7 +98,7 @@ def batching_worker(ckpt, patched, mp):
     # create_worker sets these module globals (and FastChat's, for the first worker of a process).
     for mod, name in ((bw, "worker"), (bw, "BatchingWorker"), (base_model_worker, "worker")):
         mp.setattr(mod, name, getattr(mod, name))
-    _, w = bw.create_worker(["--model-path", str(ckpt), "--model-names", MODEL, "--dtype", "float32",
+    _, w = bw.create_worker(["--model-path", str(chat_template_model), "--model-names", MODEL, "--dtype", "float32",
                              "--no-register", "--no-prepack", "--prefix-cache-mb", "0", "--max-batch", "2"])
     mp.setattr(w.model, "forward", _boom)
     try:
@@ -116,13 +108,13 @@ def batching_worker(ckpt, patched, mp):
 
 
 @pytest.fixture(scope="module")
-def stock_worker(ckpt, patched, mp):
+def stock_worker(chat_template_model, patched, mp):
     """FastChat's own ModelWorker (`worker = "fastchat"`) whose generate function raises."""
     from fastchat.serve import base_model_worker
     from fastchat.serve.model_worker import ModelWorker
 
     mp.setattr(base_model_worker, "worker", None)  # the endpoints serve the module's worker: this one
-    w = ModelWorker("http://127.0.0.1:1", "http://127.0.0.1:1", "test", str(ckpt), [MODEL], 2,
+    w = ModelWorker("http://127.0.0.1:1", "http://127.0.0.1:1", "test", str(chat_template_model), [MODEL], 2,
                     no_register=True, device="cpu", num_gpus=1, max_gpu_memory=None, dtype=torch.float32)
     assert base_model_worker.worker is w
     return w
