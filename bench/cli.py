@@ -157,19 +157,17 @@ def _next_turn(cfg: ArenaConfig, name: str, model, tok, ids, tokens: int, repeat
     """(second turn's prompt tokens, tokens kept, prefill whole, prefill from the kept turn), on the worker's
     kernels (this model is put on them here: raw generate is done with it), or None where the worker keeps no
     prefix cache (prefix_cache.usable)."""
-    from engine.kernels import attention, fused_ops
-    from engine.kernels.linear import prepack_linears
+    from engine import kernels
     from engine.prefix_cache import usable
 
     m = cfg.model(name)
     if not m.prepack_weights or m.prefix_cache_mb == 0:
         return None
     try:
-        prepack_linears(model)
+        kernels.install(model)
         return None if usable(model) else _measure_next_turn(cfg, m, model, tok, ids, tokens, repeats)
-    finally:  # process-wide: the next model's raw generate is plain transformers again
-        attention.uninstall()
-        fused_ops.uninstall_rotary()
+    finally:  # attention and rotary are process-wide: the next model's raw generate is plain transformers again
+        kernels.uninstall()
 
 
 def _measure_next_turn(cfg: ArenaConfig, m, model, tok, ids, tokens: int, repeats: int):
@@ -209,7 +207,8 @@ def run_shape(args: argparse.Namespace) -> int:
 
     from bench.raw import ReadProbe, build_shape_model, param_bytes, probe_name, probed_decode, raw_decode
     from engine.host.hugepages import collapse_model
-    from engine.kernels.linear import linear_backend, prepack_linears
+    from engine.kernels import install as install_kernels
+    from engine.kernels.linear import linear_backend
     from engine.kv_cache import GrowingCache
 
     n = cpu_count()
@@ -218,8 +217,8 @@ def run_shape(args: argparse.Namespace) -> int:
     model = build_shape_model(args.shape)
     built = time.perf_counter() - t
     total, emb, tied = param_bytes(model)
-    # As the batching worker would serve it (engine/kernels/linear.py).
-    kernels = linear_backend(torch.bfloat16) if prepack_linears(model) else "PyTorch's kernels"
+    # As the batching worker serves it: linears, attention and fused ops (engine/kernels/__init__.py).
+    kernels = linear_backend(torch.bfloat16) if install_kernels(model) else "PyTorch's kernels"
     huge, why = collapse_model(model)
     kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
     per_token = weight_bytes_per_token(total, emb, tied)

@@ -114,7 +114,7 @@ def row_layers(layers: tuple, row: int, start: int, stop: int) -> tuple:
 def usable(model) -> str | None:
     """None where a prompt started from kept keys and values gets the logits of a whole prefill, else why not:
     the model must take a cache and explicit positions in its prefill (model_inputs.takes_ready_mask) and run its
-    attention on the project's kernel (attention.py; installed with the kernel linears, kernels.prepack_linears),
+    attention on the project's kernel (attention.py; engine.kernels.install puts it there with the kernel linears),
     whose results do not depend on how a prompt was split. PyTorch's own kernels sum in blocks that do."""
     import torch.nn.functional as F
 

@@ -28,10 +28,11 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine import kernels
 from engine.batching import STREAM_INTERVAL, Chunk
 from engine.host.cores import lease_from_env
 from engine.host.hugepages import collapse_model, release_checkpoint_files
-from engine.kernels.linear import batch_rows_limit, linear_backend, prepack_linears
+from engine.kernels.linear import batch_rows_limit, linear_backend
 from engine.params import GenParams
 from engine.prefix_cache import PrefixCache
 from engine.prefix_cache import usable as prefix_cache_usable
@@ -82,7 +83,7 @@ def _base_worker_class():
                 )
                 model.eval()
                 if args.prepack:
-                    print(f"batching worker: {prepack_linears(model)} linear layers on "
+                    print(f"batching worker: {kernels.install(model)} linear layers on "
                           f"{linear_backend(model.dtype)}", flush=True)
                     huge, why = collapse_model(model)
                     print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"

@@ -23,12 +23,12 @@ def _start_engine(dtype_name: str):
     import torch
     from fastchat.model.model_adapter import load_model
 
+    from engine import kernels
     from engine.batching import BatchEngine
-    from engine.kernels.linear import prepack_linears
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=getattr(torch, dtype_name))
-    prepack_linears(model.eval())  # as the worker serves it by default
+    kernels.install(model.eval())  # as the worker serves it by default
     return BatchEngine(model, tok, max_batch=4, context_len=2048).start()
 
 
@@ -90,14 +90,14 @@ def test_bf16_batched_greedy_equals_single():
 
     if batch_rows_limit(torch.bfloat16)[0] == 1:
         pytest.skip(f"bf16 is served one row at a time here: {linear_backend(torch.bfloat16)}")
-    from engine.kernels import attention
+    from engine import kernels
 
     eng = _start_engine("bfloat16")
     try:
         test_batched_greedy_equals_single(eng)
     finally:
         eng.shutdown()
-        attention.uninstall()  # installed with the kernels; the other tests run stock SDPA
+        kernels.uninstall()  # attention and rotary are process-wide; the other tests run stock transformers
 
 
 @pytest.mark.models
@@ -378,14 +378,14 @@ def _tiny_qwen2_on_the_kernel(dtype):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from engine.kernels.linear import prepack_linears
+    from engine import kernels
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=500, tie_word_embeddings=True,
                          attn_implementation="sdpa")
     model = Qwen2ForCausalLM(config).to(dtype).eval()
-    prepack_linears(model)  # linears and attention on the project's kernels
+    kernels.install(model)  # linears, attention and fused ops on the project's kernels, as served
     return model
 
 
@@ -397,7 +397,7 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
     key elements differed on SmolLM2 in bf16, 35-115 thousand in fp32: engine/kernels/csrc/attention.c)."""
     import torch
 
-    from engine.kernels import attention
+    from engine import kernels
     from engine.kernels.native import native_kernel
     from engine.prefill import SHARED_PREFIX_MIN, prefill
 
@@ -417,7 +417,7 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
                 for (k, v), (ka, va) in zip(layers, alone, strict=True):
                     assert torch.equal(k[i, :, width - len(p):], ka[0]) and torch.equal(v[i, :, width - len(p):], va[0])
     finally:
-        attention.uninstall()
+        kernels.uninstall()
 
 
 def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_them(monkeypatch):
@@ -427,6 +427,7 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
     import torch
     from transformers.integrations import sdpa_attention
 
+    from engine import kernels
     from engine.kernels import attention
     from engine.kernels.native import native_kernel
 
@@ -450,7 +451,7 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
         attention.install(native_kernel()[0])
         assert sdpa_attention.use_gqa_in_sdpa is not stock
     finally:
-        attention.uninstall()
+        kernels.uninstall()
     assert sdpa_attention.use_gqa_in_sdpa is stock
 
 

@@ -10,7 +10,8 @@ from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
 from bench.raw import threads
-from engine.kernels import fused_ops, native
+from engine import kernels
+from engine.kernels import attention, fused_ops, native
 from engine.kernels.linear import prepack_linears
 
 KERNEL, WHY = native.native_kernel()
@@ -19,9 +20,9 @@ DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.fixture(autouse=True)
-def stock_rotary_after():
+def stock_after():
     yield
-    fused_ops.uninstall_rotary()
+    kernels.uninstall()
 
 
 def assert_within_one_unit(got: torch.Tensor, want: torch.Tensor, equal_at_least: float) -> None:
@@ -130,22 +131,20 @@ MODELS = [(modeling_llama.LlamaForCausalLM, modeling_llama.LlamaConfig),
 
 @pytest.mark.parametrize("model_class,config_class", MODELS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prepacked_models_norms_mlps_and_rotary_run_on_the_fused_ops_with_the_same_output(
+def test_installed_models_norms_mlps_and_rotary_run_on_the_fused_ops_with_the_same_output(
         model_class, config_class, dtype, monkeypatch):
     model = _tiny(model_class, config_class, dtype)
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
     unfused = _tiny(model_class, config_class, dtype)
-    monkeypatch.setattr(fused_ops, "install", lambda model, kernel: 0)
     prepack_linears(unfused)  # the same linears and attention, stock norms, MLPs and rotary
-    monkeypatch.undo()
+    attention.install(KERNEL)
     # The post-attention norm and the MLP's activation are the decoder layer block's where the CPU has AVX512_BF16
     # (tested below): here each op on its own.
     monkeypatch.setattr(fused_ops.FusedDecoderLayer, "fit", staticmethod(lambda layer, kernel: False))
     calls = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
     with torch.inference_mode():
-        fused_ops.uninstall_rotary()
         want = unfused(input_ids=ids).logits
-        prepack_linears(model)
+        kernels.install(model)
         for name in calls:
             real = getattr(KERNEL, name)
 
@@ -223,9 +222,9 @@ def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_
                                                                                    monkeypatch):
     model, op_by_op = _tiny_with_biases(model_class, config_class), _tiny_with_biases(model_class, config_class)
     monkeypatch.setattr(fused_ops.FusedDecoderLayer, "fit", staticmethod(lambda layer, kernel: False))
-    prepack_linears(op_by_op)  # the same kernels, one call per projection, norm and activation
+    kernels.install(op_by_op)  # the same kernels, one call per projection, norm and activation
     monkeypatch.undo()
-    prepack_linears(model)
+    kernels.install(model)
     layer = model.model.layers[0]
     assert all(isinstance(each, fused_ops.FusedDecoderLayer) for each in model.model.layers)
     assert isinstance(layer.self_attn.o_proj, fused_ops.DeferredProjection)
@@ -253,6 +252,6 @@ def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_
 
 def test_layers_whose_parts_are_not_all_on_the_avx512_kernel_stay_as_they_are():
     model = _tiny(modeling_qwen2.Qwen2ForCausalLM, modeling_qwen2.Qwen2Config, torch.float32)
-    prepack_linears(model)  # fp32: linear.c, not linear_avx512bf16.c
+    kernels.install(model)  # fp32: linear.c, not linear_avx512bf16.c
     assert type(model.model.layers[0]) is modeling_qwen2.Qwen2DecoderLayer
     assert type(model.model.layers[0].self_attn.o_proj) is not fused_ops.DeferredProjection

@@ -217,11 +217,8 @@ def _tiny_bf16_qwen2():
 @pytest.mark.parametrize("units", [pytest.param(False, id="avx2"), pytest.param(
     True, id="avx512bf16", marks=pytest.mark.skipif(not native.has_bf16_units(), reason="no AVX512_BF16"))])
 def test_bf16_model_runs_its_linears_on_the_kernel(monkeypatch, units):
-    from engine.kernels import attention
-
     monkeypatch.setattr(native, "has_bf16_units", lambda: units)
     monkeypatch.setattr(kernels, "native_kernel", lambda: (kernel_for(units), ""))
-    monkeypatch.setattr(attention, "install", lambda kernel: None)  # its own tests below
     model = _tiny_bf16_qwen2()
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
     with torch.inference_mode():

@@ -64,16 +64,15 @@ def test_the_least_recently_used_go_first_and_nothing_larger_than_the_budget_is_
 def model_and_tokenizer():
     from fastchat.model.model_adapter import load_model
 
-    from engine.kernels import attention
-    from engine.kernels.linear import prepack_linears
+    from engine import kernels
     from engine.kernels.native import native_kernel
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
     model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=torch.bfloat16)
-    prepack_linears(model.eval())  # as the worker serves it: linears and attention on the project's kernels
+    kernels.install(model.eval())  # as the worker serves it: linears, attention and fused ops on the kernels
     yield model, tok
-    attention.uninstall()
+    kernels.uninstall()
 
 
 def _run(engine, prompt_ids: list[int], n: int, *more: list[int]) -> list[int] | list[list[int]]:

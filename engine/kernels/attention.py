@@ -12,9 +12,9 @@ in a group, or after a common beginning computed once, and whether its row is de
 a batch (torch's attention sums in blocks that depend on those): the batching worker's "batched equals
 single" rests on it. And one bf16 decode token's attention reads the cache once (torch's bf16 SDPA was 8x
 slower at 1000 tokens; in fp32 torch's is about as fast: Qwen2.5-0.5B decode steps 122 against 127 ms at
-one row, 178 against 178 at four, an earlier session's measurement).
+one row, 178 against 178 at four, with the earlier bf16 decode kernel compiled for fp32).
 
-Installed by prepack_linears where linears run on the project's kernels (engine/kernels/linear.py),
+Installed by engine.kernels.install where linears run on the project's kernels (engine/kernels/linear.py),
 so only in a process that serves or benchmarks such a model.
 """
 

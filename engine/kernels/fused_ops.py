@@ -16,7 +16,7 @@ with and without it, 448 -> 430 ms (slow memory phase), 281 -> 271 ms (fast), pa
 the fused ops, SmolLM2-135M 18.5 -> 14.8 ms (one row), 19.9 -> 16.0 (four), Qwen2.5-0.5B 42.2 -> 38.1 and
 43.8 -> 40.1 ms.
 
-Installed by prepack_linears where linears run on the project's kernels, on the classes below only: their
+Installed by engine.kernels.install where linears run on the project's kernels, on the classes below only: their
 forward is known (a subclass or another model's norm may compute something else, e.g. ChatGLM3 multiplies by
 the weight before rounding; Qwen-7B-Chat's and ChatGLM3's remote code keep their own ops). Every call the C
 code does not take (another dtype, a width not a multiple of 8, a device, gradients) goes to the stock code.

@@ -11,7 +11,8 @@ continuous batch of 4 gained little. Two backends fix that, chosen per dtype by 
   reads every weight from a packed copy in tiles of 64 rows (native.pack_avx512bf16; the plain one goes,
   except a tied output projection's, which the embedding keeps). Qwen2.5-0.5B fp32
   decode step, 2 threads, AVX2: 219 ms with oneDNN packed weights, 150 ms on the kernel (4 rows: 283 ->
-  210 ms). Attention goes to attention.c as well (attention.py).
+  210 ms). Attention goes to attention.c as well (attention.py; engine.kernels.install puts a served model on
+  both).
 - oneDNN with the weight reordered once into its blocked layout (`mkldnn._reorder_linear_weight`, the
   kernel inductor's freezing pass uses), where there is no kernel (no compiler, no AVX2). The packed
   copy replaces the module's weight, except where the output projection shares its weight with the
@@ -240,7 +241,8 @@ def linear_backend(dtype: torch.dtype) -> str:
 
 def prepack_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` of the model's dtype by a KernelLinear on the backend
-    `choose_backend` picks (projections of one input share one matmul); returns how many."""
+    `choose_backend` picks (projections of one input share one matmul); returns how many. Linears only:
+    engine.kernels.install puts the attention and the fused ops on the kernels too, as the worker serves."""
     dtype = next(model.parameters()).dtype
     backend, _ = choose_backend(dtype)
     if backend is None:
@@ -253,11 +255,5 @@ def prepack_linears(model: nn.Module) -> int:
             if type(child) is nn.Linear and child.weight.dtype == dtype:
                 setattr(parent, name, KernelLinear(child, backend))
                 n += 1
-    if backend is not ONEDNN:  # on the project's kernels: attention, norms, rotary and SiLU too
-        from engine.kernels import attention, fused_ops
-
-        kernel = native_kernel()[0]
-        attention.install(kernel)  # batched == alone, and faster bf16 decode
-        log.info("%d norms, MLPs and decoder layers on fused_ops.c", fused_ops.install(model, kernel))
     give_back_freed_memory()
     return n
