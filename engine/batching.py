@@ -28,6 +28,7 @@ from engine.model_inputs import takes_ready_mask
 from engine.params import GenParams, choose_token, greedy_tokens
 from engine.prefill import prefill, prefill_after
 from engine.prefix_cache import Hit, PrefixCache, row_layers, usable
+from engine.protocol import STREAM_INTERVAL
 from engine.text import IncrementalText, StopText
 from engine.thread import EngineThread
 
@@ -43,12 +44,6 @@ PREFILL_TOKENS = 8192
 # 3-prompt one (SmolLM2: 220 + 420 ms). A lone request pays ADMIT_GAP_S on its first token.
 ADMIT_GAP_S = 0.015
 ADMIT_WINDOW_S = 0.06
-# A request's text goes out at its first token, then every STREAM_INTERVAL tokens (and at its end): FastChat's
-# own worker's default (`--stream-interval 2`). Why not every token: each chunk is relayed by this process's
-# event loop (which takes the GIL between the step's kernels), the API server and the client, all on the cores
-# the step runs on. Through the API, 4 SmolLM2 clients' decode steps took 20.6 ms against 22.1 ms sending
-# every token (medians of 8 alternating rounds).
-STREAM_INTERVAL = 2
 
 
 @dataclass

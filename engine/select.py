@@ -84,7 +84,7 @@ def batching_refusal(model) -> str:
 
 def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_len: int, lease=None,
                  stream_interval: int | None = None, prefix_cache=None):
-    """The plan's engine (not started). stream_interval: None for the engines' default (engine.STREAM_INTERVAL).
+    """The plan's engine (not started). stream_interval: None for the engines' default (engine.protocol.STREAM_INTERVAL).
     prefix_cache: a prefix_cache.PrefixCache for the batching engine, or None."""
     chosen = {} if stream_interval is None else {"stream_interval": stream_interval}
     if plan.kind == "batching":

@@ -15,9 +15,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.batching import STREAM_INTERVAL, Chunk
+from engine.batching import Chunk
 from engine.host.cores import CoreLease
 from engine.params import GenParams
+from engine.protocol import STREAM_INTERVAL
 from engine.thread import EngineThread
 
 log = logging.getLogger("batching")

@@ -1,6 +1,6 @@
 """A FastChat-compatible model worker that batches concurrent requests (continuous batching).
 
-    python -m launch.fastchat_entry engine.worker <the arguments of fastchat.serve.model_worker>
+    python -m launch.fastchat_entry engine.worker <fastchat.serve.model_worker's options and its own>
 
 It speaks FastChat's worker protocol unchanged (register + heartbeat with the controller,
 /worker_generate_stream, /worker_generate, /worker_get_status, /count_token,
@@ -24,25 +24,30 @@ import logging
 import os
 import threading
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import kernels
-from engine.batching import STREAM_INTERVAL, Chunk
-from engine.host.cores import lease_from_env
+from engine.batching import Chunk
+from engine.host.cores import CoreLease
 from engine.host.hugepages import collapse_model, release_checkpoint_files
 from engine.kernels.linear import batch_rows_limit, linear_backend
 from engine.params import GenParams
 from engine.prefix_cache import PrefixCache
 from engine.prefix_cache import usable as prefix_cache_usable
+from engine.protocol import (
+    MAX_BATCH,
+    MAX_QUEUE,
+    PREFIX_CACHE_MB,
+    PREPACK_WEIGHTS,
+    STREAM_INTERVAL,
+    error_chunk,
+    exception_text,
+)
 from engine.select import build_engine, plan_for
 from engine.thread import off_main_thread
-from launch.config import ModelConfig
-from launch.fastchat_patches.worker_errors import error_chunk, exception_text
-
-# For a worker started without the config: the config's own default.
-PREFIX_CACHE_MB = ModelConfig.model_fields["prefix_cache_mb"].default
 
 app = FastAPI()
 worker: BatchingWorker | None = None
@@ -99,7 +104,7 @@ def _base_worker_class():
             self.max_queue = args.limit_worker_concurrency
             self.plan = plan_for(self.model, args.model_path)
             print(f"batching worker: {self.plan.describe()}", flush=True)
-            lease = lease_from_env()
+            lease = core_lease(args)
             if lease:
                 print(f"batching worker: sharing {lease.cores} cores with the stack's other workers "
                       f"(slot {lease.slot})", flush=True)
@@ -269,6 +274,8 @@ async def api_model_details(request: Request):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's settings, all from the command line: launch/services.py worker_spec turns the config's
+    model entry into these options, and the defaults here are the config's (engine/protocol.py)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=21002)
@@ -279,56 +286,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv-template", default=None)
     p.add_argument("--device", default="cpu", choices=["cpu"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--limit-worker-concurrency", type=int, default=16)
+    p.add_argument("--limit-worker-concurrency", type=_positive, default=MAX_QUEUE,
+                   help="requests running or waiting before the worker answers 429 (the config's max_queue)")
     p.add_argument("--stream-interval", type=_positive, default=STREAM_INTERVAL,
                    help="send a request's text every N tokens (and at its first and last); FastChat's worker "
                         "option and default")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="rows decoded together (default: the model's max_batch in the config, else 8)")
-    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                   help="linear layers on the AVX2 kernel or oneDNN packed weights (default: the model's prepack_weights, "
-                        "else yes; engine/kernels/linear.py)")
-    p.add_argument("--prefix-cache-mb", type=int, default=None,
-                   help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off "
-                        "(default: the model's prefix_cache_mb in the config, else 256)")
+    p.add_argument("--max-batch", type=_positive, default=MAX_BATCH, help="rows decoded together")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=PREPACK_WEIGHTS,
+                   help="linear layers on the AVX2 kernel or oneDNN packed weights (engine/kernels/linear.py)")
+    p.add_argument("--prefix-cache-mb", type=_non_negative, default=PREFIX_CACHE_MB,
+                   help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads (default: torch's own, from OMP_NUM_THREADS or every core); with "
+                        "--core-lease, the cores shared with the other workers")
+    p.add_argument("--core-lease", default=None,
+                   help="file through which the workers of one stack share the cores step by step "
+                        "(engine/host/cores.py)")
+    p.add_argument("--core-slot", type=int, default=None, help="this worker's slot in --core-lease")
     p.add_argument("--no-register", action="store_true")
     # Accept (and ignore) the stock worker's other options so the command lines are interchangeable.
     args, _unknown = p.parse_known_args(argv)
-    model = _configured_model()
-    if args.max_batch is None:
-        args.max_batch = model.max_batch if model else 8
-    if args.prepack is None:
-        args.prepack = model.prepack_weights if model else True
-    if args.prefix_cache_mb is None:
-        args.prefix_cache_mb = model.prefix_cache_mb if model else PREFIX_CACHE_MB
-    if args.prefix_cache_mb < 0:
-        p.error(f"--prefix-cache-mb {args.prefix_cache_mb}: give 0 (off) or more")
+    if (args.core_lease is None) != (args.core_slot is None):
+        p.error("--core-lease and --core-slot go together")
     return args
 
 
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
-        raise argparse.ArgumentTypeError(f"{text}: give a whole number of tokens, 1 or more")
+        raise argparse.ArgumentTypeError(f"{text}: give a whole number, 1 or more")
     return n
 
 
-def _configured_model():
-    """This worker's entry in the config; the launcher passes file and name in the environment."""
-    name, path = os.environ.get("CPU_ARENA_MODEL"), os.environ.get("CPU_ARENA_CONFIG")
-    if name and path:
-        try:
-            from launch.config import load_config
+def _non_negative(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: give 0 (off) or more")
+    return n
 
-            return load_config(path).model(name)
-        except Exception:
-            pass
-    return None
+
+def core_lease(args: argparse.Namespace) -> CoreLease | None:
+    """The lease the command line names, dividing --threads (else every core) between the busy workers."""
+    if args.core_lease is None:
+        return None
+    return CoreLease(Path(args.core_lease), args.core_slot, args.threads or os.cpu_count() or 1)
 
 
 def create_worker(argv: list[str] | None = None) -> tuple[argparse.Namespace, object]:
     global worker, BatchingWorker
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        # On the main thread: the loading thread and the engine's thread start from its count (engine/thread.py).
+        torch.set_num_threads(args.threads)
     BatchingWorker = _base_worker_class()
     worker = BatchingWorker(args, str(uuid.uuid4())[:8])
     return args, worker

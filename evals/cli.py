@@ -19,19 +19,17 @@ SAME_ON_RESUME = ("temperature", "max_tokens", "system")
 
 
 def _cfg(args):
-    from launch.config import load_config
+    from launch.config import current_config
 
-    return load_config(args.config)
+    return current_config(args.config)
 
 
 def _configured_models(args) -> list[str]:
     """The model names of the arena config, or none when it cannot be read (an API that is not this arena's)."""
-    from launch.config import ConfigError
+    from launch.config import current_config
 
-    try:
-        return [m.name for m in _cfg(args).models]
-    except (ConfigError, OSError):
-        return []
+    cfg = current_config(args.config, optional=True)
+    return [m.name for m in cfg.models] if cfg else []
 
 
 def _runs_root(args) -> Path:

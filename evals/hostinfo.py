@@ -43,12 +43,11 @@ def package_versions() -> dict[str, str | None]:
 
 def model_info_from_config(config_path: str | None, models: list[str]) -> dict[str, dict]:
     """dtype/threads/path per served model as the config says (FastChat's API does not report them)."""
-    try:
-        from engine.host.hardware import resolve_dtype
-        from launch.config import load_config
+    from engine.host.hardware import resolve_dtype
+    from launch.config import current_config
 
-        cfg = load_config(config_path)
-    except Exception:  # noqa: BLE001 - metadata is best effort; a remote endpoint has no local config
+    cfg = current_config(config_path, optional=True)  # a remote endpoint may have no local config
+    if cfg is None:
         return {}
     out = {}
     for name in models:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from launch import probes
-from launch.config import ArenaConfig, ConfigError, load_config
+from launch.config import ArenaConfig, ConfigError, current_config
 from launch.state import is_ours, pid_alive, read_state, terminate
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.rest = [*unknown, *args.rest]
     try:
-        cfg = load_config(args.config)
+        cfg = current_config(args.config)
         if args.command in DELEGATED:
             import importlib
 

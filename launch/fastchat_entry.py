@@ -9,7 +9,6 @@ runs the FastChat service, so patches and adapters are active in every process.
 from __future__ import annotations
 
 import importlib
-import os
 import runpy
 import sys
 
@@ -25,21 +24,12 @@ UVICORN_SERVICES: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _limit_threads() -> None:
-    # Set before torch starts its thread pool; the launcher passes CPU_ARENA_THREADS per worker.
-    threads = os.environ.get("CPU_ARENA_THREADS")
-    if not threads:
-        return
-    try:
-        import torch
-    except ImportError:  # the controller can run without torch
-        return
-    torch.set_num_threads(int(threads))
-
-
 def prepare_process() -> None:
-    """Everything a FastChat process needs before FastChat's own code runs."""
-    _limit_threads()
+    """Everything a FastChat process needs before FastChat's own code runs.
+
+    Thread counts are not set here: a worker's come from OMP_NUM_THREADS, which the OpenMP runtime and torch
+    read themselves, and the project's worker also takes `--threads` (launch/services.py worker_env says why).
+    """
     from launch.fastchat_patches import apply_all
 
     apply_all()  # the adapter_dispatch patch registers the project's adapters

@@ -1,4 +1,8 @@
-"""Turns the config into the processes to run: the only place FastChat's command lines are built."""
+"""Turns the config into the processes to run: the only place FastChat's command lines are built.
+
+A worker's settings travel one way: the config is read here, and everything a worker needs from it goes on
+its command line (worker_spec), so a worker never reads the config file itself.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 from engine.host.hardware import resolve_dtype
-from launch.config import ArenaConfig, ModelConfig
+from launch.config import ArenaConfig, ModelConfig, url_host
 
 ENTRY = "launch.fastchat_entry"
 WORKER_MODULES = {
@@ -58,23 +62,56 @@ def base_env(cfg: ArenaConfig) -> dict[str, str]:
 
 
 def worker_env(cfg: ArenaConfig, model: ModelConfig) -> dict[str, str]:
+    """The standard variables the OpenMP and MKL runtimes read themselves; the worker's own settings are on
+    its command line (worker_args)."""
     threads = str(cfg.threads(model))
     env = {
-        "CPU_ARENA_THREADS": threads,
+        # Every thread's OpenMP pool starts at this size, and torch takes its thread count from it. It is the
+        # only thread setting FastChat's stock worker gets: its parser refuses options it does not know, and
+        # with the variable set torch already runs that many threads on every thread of the process.
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
+        # Not a setting: FastChat hands the adapters only a model path, and worker_adapters/policy.py uses the
+        # name to find this worker's own entry (remote-code permission, dtype) when two entries share a path.
         "CPU_ARENA_MODEL": model.name,
     }
-    if cfg.shares_cores():
-        # Each step takes cores // busy workers threads, so threads never outnumber cores and
-        # OpenMP's default (spin, then sleep) is the fast choice.
-        env["CPU_ARENA_CORE_LEASE"] = str(cfg.run_dir() / "cores.lease")
-        env["CPU_ARENA_CORE_SLOT"] = str(cfg.models.index(model))
-    elif cfg.threads(model) * len(cfg.models) > 1 and len(cfg.models) > 1:
-        # OpenMP's busy-wait makes a worker 28x slower when another process holds a core (STACK.md);
-        # passive waiting costs a little on a quiet machine but never collapses.
+    # Workers sharing the cores through the lease take cores // busy workers threads at each step, so threads
+    # never outnumber cores and OpenMP's default (spin, then sleep) is the fast choice. Otherwise OpenMP's
+    # busy-wait makes a worker 28x slower when another process holds a core; passive waiting costs a little on
+    # a quiet machine but never collapses.
+    if not cfg.shares_cores() and cfg.threads(model) * len(cfg.models) > 1 and len(cfg.models) > 1:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
+
+
+def worker_args(cfg: ArenaConfig, model: ModelConfig) -> list[str]:
+    """The model's settings as its worker's options: every one the worker acts on, so it reads no config file.
+
+    Both workers take FastChat's options (dtype, queue bound, stream interval, template); only the project's
+    worker (engine/worker.py) knows the rest, and FastChat's stock worker would refuse them.
+    """
+    args = [
+        "--model-path", str(cfg.model_path(model)),
+        "--model-names", model.name,
+        "--device", "cpu",
+        "--dtype", resolve_dtype(model.dtype),
+        "--limit-worker-concurrency", str(model.max_queue),
+        "--stream-interval", str(model.stream_interval),
+    ]
+    if model.conv_template:
+        args += ["--conv-template", model.conv_template]
+    if model.worker == "batching":
+        args += [
+            "--threads", str(cfg.threads(model)),
+            "--max-batch", str(model.max_batch),
+            "--prepack" if model.prepack_weights else "--no-prepack",
+            "--prefix-cache-mb", str(model.prefix_cache_mb),
+        ]
+        if cfg.shares_cores():
+            # The stack's workers divide the cores step by step through this file (engine/host/cores.py).
+            args += ["--core-lease", str(cfg.run_dir() / "cores.lease"),
+                     "--core-slot", str(cfg.models.index(model))]
+    return args
 
 
 def worker_spec(cfg: ArenaConfig, model: ModelConfig, *, controller_url: str | None = None,
@@ -85,46 +122,36 @@ def worker_spec(cfg: ArenaConfig, model: ModelConfig, *, controller_url: str | N
     host = host or cfg.server.internal_host()
     port = port or cfg.worker_port(model)
     published = cfg.server.advertise_host if cfg.server.expose_internal else None
-    reach = advertise_host or published or _url_host(host)
+    reach = url_host(advertise_host or published or host)
     args = [
         "--host", host,
         "--port", str(port),
         "--worker-address", f"http://{reach}:{port}",
         "--controller-address", controller_url or cfg.controller_url(),
-        "--model-path", str(cfg.model_path(model)),
-        "--model-names", model.name,
-        "--device", "cpu",
-        "--dtype", resolve_dtype(model.dtype),
-        "--limit-worker-concurrency", str(model.max_queue),
+        *worker_args(cfg, model),
     ]
-    if model.conv_template:
-        args += ["--conv-template", model.conv_template]
     return ServiceSpec(
         name=f"worker:{model.name}",
         kind="worker",
         argv=_python_entry(WORKER_MODULES[model.worker], *args),
         port=port,
-        health_url=f"http://{_url_host(host)}:{port}/worker_get_status",
+        health_url=f"http://{url_host(host)}:{port}/worker_get_status",
         env=worker_env(cfg, model),
         model=model.name,
         worker_url=f"http://{reach}:{port}",
     )
 
 
-def _url_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
-
-
 def build_services(cfg: ArenaConfig) -> list[ServiceSpec]:
     s = cfg.server
-    h = _url_host(s.host)
+    h = url_host(s.host)
     internal = s.internal_host()
     controller = ServiceSpec(
         name="controller",
         kind="controller",
         argv=_python_entry("fastchat.serve.controller", "--host", internal, "--port", str(s.controller_port)),
         port=s.controller_port,
-        health_url=f"http://{_url_host(internal)}:{s.controller_port}/test_connection",
+        health_url=f"http://{url_host(internal)}:{s.controller_port}/test_connection",
     )
     workers = [worker_spec(cfg, m) for m in cfg.models]
     api = ServiceSpec(

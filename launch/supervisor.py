@@ -209,7 +209,6 @@ class Supervisor:
 
 
 def main(config_path: str | None) -> int:
-    from launch.config import load_config
+    from launch.config import current_config
 
-    cfg = load_config(config_path)
-    return Supervisor(cfg).run()
+    return Supervisor(current_config(config_path)).run()

@@ -146,31 +146,3 @@ def test_both_engines_send_text_every_stream_interval_tokens(chat_template_model
         assert all((n - 1) % 3 == 0 for n in sent[first_text + 1:-1]) and sent[-1] == 12, sent
         assert len(sent) - first_text <= 5, sent
 
-
-def test_the_worker_takes_fastchats_stream_interval_option(capsys):
-    from engine.worker import parse_args
-
-    assert parse_args(["--model-path", "m"]).stream_interval == 2  # FastChat's worker's default
-    assert parse_args(["--model-path", "m", "--stream-interval", "1"]).stream_interval == 1
-    with pytest.raises(SystemExit):
-        parse_args(["--model-path", "m", "--stream-interval", "0"])
-    assert "--stream-interval: 0: give a whole number of tokens, 1 or more" in capsys.readouterr().err
-
-
-def test_the_worker_takes_its_prefix_cache_size_from_the_option_then_the_config(tmp_path, monkeypatch, capsys):
-    from engine.worker import PREFIX_CACHE_MB, parse_args
-    from launch.config import ModelConfig
-
-    monkeypatch.delenv("CPU_ARENA_MODEL", raising=False)
-    assert parse_args(["--model-path", "m"]).prefix_cache_mb == PREFIX_CACHE_MB == ModelConfig.model_fields[
-        "prefix_cache_mb"].default
-    assert parse_args(["--model-path", "m", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
-    cfg = tmp_path / "models.toml"
-    cfg.write_text('[[models]]\nname = "m"\npath = "m"\nprefix_cache_mb = 12\n')
-    monkeypatch.setenv("CPU_ARENA_CONFIG", str(cfg))
-    monkeypatch.setenv("CPU_ARENA_MODEL", "m")
-    assert parse_args(["--model-path", "m"]).prefix_cache_mb == 12
-    assert parse_args(["--model-path", "m", "--prefix-cache-mb", "5"]).prefix_cache_mb == 5
-    with pytest.raises(SystemExit):
-        parse_args(["--model-path", "m", "--prefix-cache-mb", "-1"])
-    assert "--prefix-cache-mb -1: give 0 (off) or more" in capsys.readouterr().err

@@ -64,10 +64,3 @@ class CoreLease:
     def release(self) -> None:
         _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0.0)
 
-
-def lease_from_env() -> CoreLease | None:
-    """The lease the launcher set up for this worker (launch/services.py), if any."""
-    path = os.environ.get("CPU_ARENA_CORE_LEASE")
-    if not path:
-        return None
-    return CoreLease(Path(path), int(os.environ["CPU_ARENA_CORE_SLOT"]), int(os.environ["CPU_ARENA_THREADS"]))

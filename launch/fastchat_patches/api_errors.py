@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from types import ModuleType
 
@@ -36,15 +35,10 @@ log = logging.getLogger("cpu_arena.api")
 
 def configured_models() -> dict[str, int]:
     """Model name -> max_queue from the project's config (the API process gets CPU_ARENA_CONFIG)."""
-    from launch.config import ConfigError, load_config
+    from launch.config import current_config
 
-    path = os.environ.get("CPU_ARENA_CONFIG")
-    if not path:
-        return {}
-    try:
-        return {m.name: m.max_queue for m in load_config(path).models}
-    except ConfigError:
-        return {}
+    cfg = current_config(optional=True)
+    return {m.name: m.max_queue for m in cfg.models} if cfg else {}
 
 
 def _drop_worker_later(mod: ModuleType, worker_url: str) -> None:

@@ -8,7 +8,6 @@ factory load them from server.api_keys / the variable named by server.api_keys_e
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 from launch.fastchat_patches.api_guard.on_import import when_imported
@@ -18,11 +17,10 @@ MODULE = "fastchat.serve.openai_api_server"
 
 
 def resolved_keys() -> tuple[str, ...]:
-    from launch.config import ServerConfig, load_config
+    from launch.config import current_config
 
-    path = os.environ.get("CPU_ARENA_CONFIG")
-    server = load_config(path).server if path else ServerConfig()
-    return server.resolved_api_keys()
+    # Not optional: without the config this server cannot know its keys, and would serve without any.
+    return current_config().server.resolved_api_keys()
 
 
 def _patch(mod: ModuleType) -> None:

@@ -9,7 +9,7 @@ and in both cases the worker's concurrency semaphore is never released.
 
 This patch replaces generate_stream_gate (generate_gate drains it, so both endpoints are covered):
 every exception is logged with its traceback and answered with one chunk
-`{"text": worker_error_text(...), "error_code": INTERNAL_ERROR}`. The project's batching worker
+`{"text": worker_error_text(...), "error_code": INTERNAL_ERROR}` (engine/protocol.py). The project's batching worker
 (engine/worker.py) answers its engines' errors with the same text, and the API server
 maps INTERNAL_ERROR to a 500 server_error carrying it (launch/fastchat_patches/api_guard/errors.py).
 """
@@ -19,24 +19,13 @@ from __future__ import annotations
 import json
 from types import ModuleType
 
+# The error chunk is part of the worker protocol the batching worker speaks too: it lives in engine/protocol.py,
+# which the engine imports without importing launch.
+from engine.protocol import error_chunk, exception_text
 from launch.fastchat_patches.api_guard.on_import import when_imported
 
 UPSTREAM = "https://github.com/lm-sys/FastChat/blob/v0.2.36/fastchat/serve/model_worker.py#L104-L144"
 MODULE = "fastchat.serve.model_worker"
-INTERNAL_ERROR = 50001  # fastchat.constants.ErrorCode.INTERNAL_ERROR
-
-
-def exception_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
-def worker_error_text(error: str) -> str:
-    """What a worker answers for a generation that raised `error` ("ValueError: boom")."""
-    return f"the model worker failed while generating: {error} (the traceback is in the worker's log)"
-
-
-def error_chunk(error: str) -> dict:
-    return {"text": worker_error_text(error), "error_code": INTERNAL_ERROR}
 
 
 def _patch(mod: ModuleType) -> None:

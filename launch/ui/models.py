@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import requests
 
 from engine.host.hardware import resolve_dtype
-from launch.config import ConfigError, load_config
+from launch.config import current_config
 
 _controller_url = "http://127.0.0.1:21001"
 
@@ -23,9 +21,8 @@ def controller_url() -> str:
 
 def configured_dtypes() -> dict[str, str]:
     """name -> dtype actually passed to the worker (the launcher sets CPU_ARENA_CONFIG for every service)."""
-    try:
-        cfg = load_config(os.environ.get("CPU_ARENA_CONFIG") or None)
-    except (ConfigError, OSError):
+    cfg = current_config(optional=True)
+    if cfg is None:
         return {}
     return {m.name: resolve_dtype(m.dtype) for m in cfg.models}
 
