@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from launch.config import CONFIG_ENV, ArenaConfig, ConfigError, ModelConfig, load_config
+from launch.config import CONFIG_ENV, ArenaConfig, ModelConfig, current_config
 
 MODEL_ENV = "CPU_ARENA_MODEL"
 
@@ -21,16 +21,8 @@ class RemoteCodeNotAllowed(RuntimeError):
     """The checkpoint ships Python code and its config entry does not allow running it."""
 
 
-def current_config() -> ArenaConfig | None:
-    # Read each time (cheap): tests and long-lived processes may point CPU_ARENA_CONFIG elsewhere.
-    try:
-        return load_config(os.environ.get(CONFIG_ENV) or None)
-    except ConfigError:
-        return None
-
-
 def config_path_for_name(name: str) -> Path | None:
-    cfg = current_config()
+    cfg = current_config(optional=True)
     if cfg is None:
         return None
     try:
@@ -50,7 +42,7 @@ def entry_for_path(model_path: str | os.PathLike) -> tuple[ArenaConfig, ModelCon
     """The config entry serving this path: the worker's own (CPU_ARENA_MODEL) first, else by path."""
     from worker_adapters.modelscope import modelscope_variants
 
-    cfg = current_config()
+    cfg = current_config(optional=True)
     if cfg is None:
         return None, None
     path = Path(model_path)
