@@ -389,9 +389,23 @@ def _tiny_qwen2_on_the_kernel(dtype):
     return model
 
 
+def _kernel_attention_calls(monkeypatch, kernel) -> list[tuple[int, int, int]]:
+    """(query heads, key heads, queries) of every call attention.c computes from now on: what the kernel declines
+    goes to torch's SDPA, on which a test about the kernel would not be testing it."""
+    calls = []
+    real = kernel.attention
+
+    def counting(q, k, v, mask, scale, causal=False):
+        calls.append((q.shape[1], k.shape[1], q.shape[2]))
+        return real(q, k, v, mask, scale, causal=causal)
+
+    monkeypatch.setattr(kernel, "attention", counting)
+    return calls
+
+
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
 @pytest.mark.parametrize("share", [False, True])
-def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_name):
+def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_name, monkeypatch):
     """Prefilled left-padded with others, or after a common beginning computed once, each prompt's logits and
     cache are bitwise its own prefill's, so no answer can change (on torch's flash attention 27-96 thousand
     key elements differed on SmolLM2 in bf16, 35-115 thousand in fp32: engine/kernels/csrc/attention.c)."""
@@ -403,6 +417,7 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
+    calls = _kernel_attention_calls(monkeypatch, native_kernel()[0])
     try:
         model = _tiny_qwen2_on_the_kernel(getattr(torch, dtype_name))
         torch.manual_seed(1)
@@ -418,6 +433,9 @@ def test_prompts_prefilled_together_are_bitwise_the_prompts_alone(share, dtype_n
                     assert torch.equal(k[i, :, width - len(p):], ka[0]) and torch.equal(v[i, :, width - len(p):], va[0])
     finally:
         kernels.uninstall()
+    # Every layer's attention of every pass on the kernel: the group's (its common beginning first where shared),
+    # then each prompt's alone.
+    assert len(calls) == 3 * ((2 if share else 1) + len(prompts))
 
 
 def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_them(monkeypatch):
@@ -433,6 +451,7 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
 
     if native_kernel()[0] is None:
         pytest.skip(native_kernel()[1])
+    calls = _kernel_attention_calls(monkeypatch, native_kernel()[0])
     stock = sdpa_attention.use_gqa_in_sdpa
     ids = torch.tensor([[0, 0, 5, 17, 42], [3, 3, 250, 8, 1]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -444,9 +463,11 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
         with torch.inference_mode():
             grouped = model(input_ids=ids, attention_mask=mask).logits
             assert [n for n in repeated if n > 1] == []
+            assert calls == [(4, 2, 5)] * 3  # each layer's 2 key heads to the kernel as they are
             sdpa_attention.use_gqa_in_sdpa = stock  # transformers' own choice: repeat the heads
             copied = model(input_ids=ids, attention_mask=mask).logits
             assert [n for n in repeated if n > 1]
+            assert calls[3:] == [(4, 4, 5)] * 3  # repeated, still on the kernel
         assert torch.equal(grouped, copied)
         attention.install(native_kernel()[0])
         assert sdpa_attention.use_gqa_in_sdpa is not stock

@@ -25,6 +25,23 @@ def stock_after():
     kernels.uninstall()
 
 
+@pytest.fixture
+def c_calls(monkeypatch):
+    """How many times each of KERNEL's fused ops and its decoder layer block was called from now on. A fused module
+    hands what the C code cannot take to the stock code, which a comparison with the stock code would not notice:
+    a test of the C code asserts that it was called."""
+    calls = dict.fromkeys(("rms_norm", "rotary", "silu_mul", "mlp_block"), 0)
+    for name in calls:
+        real = getattr(KERNEL, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(KERNEL, name, counted)
+    return calls
+
+
 def assert_within_one_unit(got: torch.Tensor, want: torch.Tensor, equal_at_least: float) -> None:
     """|got - want| <= one unit in the last place of want's dtype, and most elements bitwise equal."""
     ulp = 2.0 ** -7 if want.dtype == torch.bfloat16 else 2.0 ** -23
@@ -36,7 +53,7 @@ def assert_within_one_unit(got: torch.Tensor, want: torch.Tensor, equal_at_least
 @pytest.mark.parametrize("norm_class", fused_ops.RMS_NORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 896), (7, 4096)])
-def test_rms_norm_computes_what_the_transformers_norm_computes(norm_class, dtype, shape):
+def test_rms_norm_computes_what_the_transformers_norm_computes(norm_class, dtype, shape, c_calls):
     torch.manual_seed(0)
     norm = norm_class(shape[-1], eps=1e-6).to(dtype)
     norm.weight.data.normal_(1.0, 0.5)
@@ -44,6 +61,7 @@ def test_rms_norm_computes_what_the_transformers_norm_computes(norm_class, dtype
     with torch.inference_mode():
         want = norm(x)
         got = fused_ops.FusedRMSNorm(norm, KERNEL)(x)
+    assert c_calls["rms_norm"] == 1
     assert got.shape == want.shape and got.dtype == want.dtype
     # Only the sum of squares is added in another order: its last bit scales a row by 1 +- 2^-23 or so, which
     # moves a bf16 rounding now and then and shows in fp32's last bits.
@@ -69,7 +87,7 @@ def _rotary_inputs(dtype: torch.dtype, batch: int, seq: int):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq", [(1, 1), (3, 1), (2, 9)])
-def test_rotary_embedding_is_bitwise_what_transformers_computes(dtype, batch, seq):
+def test_rotary_embedding_is_bitwise_what_transformers_computes(dtype, batch, seq, c_calls):
     q, k, cos, sin = _rotary_inputs(dtype, batch, seq)
     stock = fused_ops._STOCK_ROTARY[modeling_qwen2]
     with torch.inference_mode():
@@ -77,6 +95,7 @@ def test_rotary_embedding_is_bitwise_what_transformers_computes(dtype, batch, se
         got = fused_ops.fused_apply_rotary_pos_emb(KERNEL, stock, q, k, cos, sin)
         # One position row for every batch row: cos and sin broadcast over the batch.
         broadcast = fused_ops.fused_apply_rotary_pos_emb(KERNEL, stock, q, k, cos[:1], sin[:1])
+    assert c_calls["rotary"] == 2 * 2  # q and k, both times
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     for g, w in zip(broadcast, stock(q, k, cos[:1], sin[:1]), strict=True):
@@ -132,7 +151,7 @@ MODELS = [(modeling_llama.LlamaForCausalLM, modeling_llama.LlamaConfig),
 @pytest.mark.parametrize("model_class,config_class", MODELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_installed_models_norms_mlps_and_rotary_run_on_the_fused_ops_with_the_same_output(
-        model_class, config_class, dtype, monkeypatch):
+        model_class, config_class, dtype, monkeypatch, c_calls):
     model = _tiny(model_class, config_class, dtype)
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
     unfused = _tiny(model_class, config_class, dtype)
@@ -141,23 +160,16 @@ def test_installed_models_norms_mlps_and_rotary_run_on_the_fused_ops_with_the_sa
     # The post-attention norm and the MLP's activation are the decoder layer block's where the CPU has AVX512_BF16
     # (tested below): here each op on its own.
     monkeypatch.setattr(fused_ops.FusedDecoderLayer, "fit", staticmethod(lambda layer, kernel: False))
-    calls = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
     with torch.inference_mode():
         want = unfused(input_ids=ids).logits
+        assert c_calls == {"rms_norm": 0, "rotary": 0, "silu_mul": 0, "mlp_block": 0}
         kernels.install(model)
-        for name in calls:
-            real = getattr(KERNEL, name)
-
-            def counted(*args, _real=real, _name=name):
-                calls[_name] += 1
-                return _real(*args)
-
-            monkeypatch.setattr(KERNEL, name, counted)
         got = model(input_ids=ids).logits
     layer = model.model.layers[0]
     assert isinstance(layer.mlp, fused_ops.FusedGatedMLP)
     assert sum(isinstance(m, fused_ops.FusedRMSNorm) for m in model.modules()) == 2 * 2 + 1
-    assert calls == {"rms_norm": 2 * 2 + 1, "rotary": 2 * 2, "silu_mul": 2}  # q and k: one call each
+    # q and k: one rotary call each
+    assert c_calls == {"rms_norm": 2 * 2 + 1, "rotary": 2 * 2, "silu_mul": 2, "mlp_block": 0}
     rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
 
@@ -235,18 +247,25 @@ def test_the_decoder_layer_block_computes_bitwise_what_the_layer_computes_op_by_
                         lambda self, *a, _run=fused_ops.FusedDecoderLayer._direct_forward, **kw: inlined.append(1) or _run(self, *a, **kw))
     ids = torch.tensor([[5, 17, 42, 7, 99], [0, 0, 250, 8, 1]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # a left-padded row: the worker's batched prompts
+    blocks = []
+    block_call = KERNEL.mlp_block
+    monkeypatch.setattr(KERNEL, "mlp_block", lambda *a: blocks.append(a[0].shape[0]) or block_call(*a))
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            op_by_op(input_ids=ids, attention_mask=mask).logits)
         kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
         assert torch.equal(model.generate(ids, **kw), op_by_op.generate(ids, **kw))
     assert len(inlined) == 2 * (1 + 6)  # two layers: the forward, then generate: its prompt and five decode steps
+    # Each of them one mlp_block call (over the rows: 2 x 5 prompt tokens, then 2 rows a step); op_by_op made none.
+    assert blocks == [10] * 2 * 2 + [2] * 2 * 5
     x = torch.randn(2, 3, 128).to(torch.bfloat16).requires_grad_()
     position = model.model.rotary_emb(x, torch.arange(3).repeat(2, 1))
     with torch.inference_mode():
         block = layer(x.detach(), position_embeddings=position, attention_mask=None)
+    assert blocks[-1] == 6 and len(blocks) == 15  # the layer alone: on the block too
     with torch.enable_grad():  # autograd would record: the op-by-op path, the same numbers
         stock = layer(x, position_embeddings=position, attention_mask=None)
+    assert len(blocks) == 15  # the block declined it
     assert torch.equal(block, stock.detach())
 
 

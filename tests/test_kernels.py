@@ -3,6 +3,9 @@ for one row, several rows and a prompt; projections of one input share a matmul;
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -21,10 +24,21 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture
+def runs() -> list[int]:
+    """The rows of every matmul the `backend` below computed: a test comparing with nn.Linear sees that the
+    backend it is about computed the result."""
+    return []
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
+def backend(request, monkeypatch, runs):
     """Each test below runs on both backends: prepack_linears is made to choose this one for fp32."""
-    chosen = request.param
+    def run(x, operand, bias, _run=request.param.run):
+        runs.append(math.prod(x.shape[:-1]))
+        return _run(x, operand, bias)
+
+    chosen = dataclasses.replace(request.param, run=run)
     monkeypatch.setattr(kernels, "choose_backend",
                         lambda dtype: (chosen, "") if dtype == torch.float32 else choose_backend(dtype))
     return chosen
@@ -32,13 +46,14 @@ def backend(request, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 1, 96), (4, 1, 96), (2, 17, 96), (5, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_linear_matches_linear(backend, shape, bias):
+def test_kernel_linear_matches_linear(backend, runs, shape, bias):
     torch.manual_seed(0)
     lin = nn.Linear(96, 160, bias=bias).eval()
     x = torch.randn(*shape)
     with torch.inference_mode():
         want = lin(x)
         got = KernelLinear(lin, backend)(x)
+    assert runs == [math.prod(shape[:-1])]
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -65,7 +80,7 @@ class _Tiny(nn.Module):
         return self.head(self.body(self.emb(ids)))
 
 
-def test_prepack_replaces_every_linear_and_keeps_the_output(backend):
+def test_prepack_replaces_every_linear_and_keeps_the_output(backend, runs):
     torch.manual_seed(0)
     model = _Tiny().eval()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -73,6 +88,7 @@ def test_prepack_replaces_every_linear_and_keeps_the_output(backend):
         want = model(ids)
         assert prepack_linears(model) == 3
         got = model(ids)
+    assert runs == [2 * 3] * 3  # each linear on the backend
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -157,7 +173,7 @@ def _tiny_qwen2(layers: int = 2):
     return Qwen2ForCausalLM(config).eval()  # q/k/v with biases, grouped k/v heads, a tied output
 
 
-def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend):
+def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend, runs):
     from engine.kernels.linear import SharedInputLinear
 
     model = _tiny_qwen2()
@@ -167,6 +183,7 @@ def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend)
         want_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert prepack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + the head
         got = model(input_ids=ids).logits
+        assert runs == [2 * 5] * (2 * 4 + 1)  # per layer q/k/v, o, gate/up, down; the head: all on the backend
         got_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, SharedInputLinear)
@@ -177,7 +194,7 @@ def test_projections_of_one_input_share_one_matmul_and_compute_the_same(backend)
     assert layer.self_attn.q_proj.group._outputs == ()  # nothing held between forward passes
 
 
-def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_output(backend):
+def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_output(backend, runs):
     lins = [nn.Linear(16, n) for n in (8, 4)]
     parent = nn.Module()
     parent.gate_proj, parent.up_proj = lins
@@ -187,6 +204,7 @@ def test_a_shared_projection_called_on_its_own_input_still_computes_its_own_outp
         want = [lin(x) for lin, x in zip(lins, xs, strict=True)]
         prepack_linears(parent)
         got = [parent.gate_proj(xs[0]), parent.up_proj(xs[1])]  # different inputs: no shortcut taken
+    assert runs == [3, 3]  # the pair's matmul once per input
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,6 +33,26 @@ def kernel_for(units: bool) -> native.NativeKernel:
     return native.NativeKernel(KERNEL.path, bf16_units=units)
 
 
+def counted_linears(kernel: native.NativeKernel) -> list[tuple[str, int]]:
+    """Every call `kernel` makes into its C linear functions from now on, as (its C file, input rows): a test that
+    compares with torch's linear thus sees that the C code it is about computed the result."""
+    calls = []
+
+    def counting(fn, source: str, rows_at: int):
+        def call(*args):
+            calls.append((source, args[rows_at]))
+            return fn(*args)
+        return call
+
+    kernel._linear = {dtype: counting(fn, "linear.c", 5) for dtype, fn in kernel._linear.items()}
+    kernel._linear_dp = counting(kernel._linear_dp, "linear_avx512bf16.c", 4)
+    return calls
+
+
+def c_file(dtype: torch.dtype, units: bool) -> str:
+    return "linear_avx512bf16.c" if dtype == torch.bfloat16 and units else "linear.c"
+
+
 # dtype -> (rtol, atol against torch's linear; how much further than torch's from the exact result).
 # bf16: both accumulate in fp32 and round once to bf16, so the kernel is no further from the exact result.
 # fp32: accumulated in another order than MKL's, so as close within rounding.
@@ -47,10 +68,13 @@ def test_kernel_matches_torch_linear(dtype, units, n_out, n_in, rows, bias):
     torch.manual_seed(n_out * 1000 + n_in + rows)
     lin = nn.Linear(n_in, n_out, bias=bias).to(dtype)
     x = torch.randn(rows, n_in).to(dtype)
+    kernel = kernel_for(units)
+    calls = counted_linears(kernel)
     with torch.inference_mode():
         want = lin(x)
-        got = kernel_for(units)(x, lin.weight, lin.bias)
+        got = kernel(x, lin.weight, lin.bias)
         exact = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    assert calls == [(c_file(dtype, units), rows)]
     rtol, atol, further = TOLERANCES[dtype]
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
@@ -218,14 +242,19 @@ def _tiny_bf16_qwen2():
     True, id="avx512bf16", marks=pytest.mark.skipif(not native.has_bf16_units(), reason="no AVX512_BF16"))])
 def test_bf16_model_runs_its_linears_on_the_kernel(monkeypatch, units):
     monkeypatch.setattr(native, "has_bf16_units", lambda: units)
-    monkeypatch.setattr(kernels, "native_kernel", lambda: (kernel_for(units), ""))
+    kernel = kernel_for(units)
+    calls = counted_linears(kernel)
+    monkeypatch.setattr(kernels, "native_kernel", lambda: (kernel, ""))
     model = _tiny_bf16_qwen2()
     ids = torch.tensor([[5, 17, 42, 7, 99], [3, 3, 250, 8, 1]])
     with torch.inference_mode():
         want = model(input_ids=ids).logits
         assert kernels.prepack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + the head
+        assert calls == []  # packing computes nothing
         got = model(input_ids=ids).logits
     assert not any(type(m) is nn.Linear for m in model.modules())
+    # Per layer q/k/v in one call, o, gate/up in one call, down; then the head: every one in the C code.
+    assert calls == [(c_file(torch.bfloat16, units), 2 * 5)] * (2 * 4 + 1)
     if units:  # a 64-wide head is packed into a copy of its own; the embedding keeps the plain weight
         assert model.lm_head.packed.data_ptr() != model.model.embed_tokens.weight.data_ptr()
         assert model.lm_head.packed.shape == (300, 64)
@@ -260,11 +289,22 @@ def test_a_cpu_without_avx2_gets_no_kernel_and_a_reason(monkeypatch):
 # ---- bf16 and fp32 attention (attention.c behind torch's SDPA): decode steps and prompts ----
 
 @pytest.fixture
-def patched_sdpa():
+def patched_sdpa(monkeypatch):
+    """attention.c installed behind torch's SDPA; `original` is torch's own, `calls` the query shape of every call
+    the kernel computed. The wrapper hands a call it declines to torch's SDPA, which would then be compared with
+    itself: a test of the kernel asserts that the kernel took its calls."""
     from engine.kernels import attention
 
+    calls = []
+    real = KERNEL.attention
+
+    def counting(q, k, v, mask, scale, causal=False):
+        calls.append(tuple(q.shape))
+        return real(q, k, v, mask, scale, causal=causal)
+
+    monkeypatch.setattr(KERNEL, "attention", counting)
     attention.install(KERNEL)
-    yield attention._original
+    yield SimpleNamespace(original=attention._original, calls=calls)
     attention.uninstall()
 
 
@@ -295,12 +335,13 @@ def _masks(B, H, T, dtype=torch.bfloat16):
 @pytest.mark.parametrize("B,H,Hkv,T,D", [(1, 32, 32, 80, 128), (3, 8, 2, 50, 64), (2, 4, 4, 7, 72), (1, 2, 1, 1, 8),
                                          (1, 4, 2, 33, 200), (2, 4, 2, 13, 20), (1, 40, 2, 45, 64)])
 def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D, dtype):
-    original = patched_sdpa
+    original = patched_sdpa.original
     rtol, atol, further = ATTENTION_DTYPES[dtype]
     q, k, v = _qkv(B, H, Hkv, T, D, dtype=dtype)
     gqa = Hkv != H
     for i, mask in enumerate(_masks(B, H, T, dtype)):
         got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        assert patched_sdpa.calls == [(B, H, 1, D)] * (i + 1), f"mask {i}: not on the kernel"
         want = original(q, k, v, attn_mask=mask, enable_gqa=gqa)
         exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa,
                          attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
@@ -311,11 +352,12 @@ def test_decode_attention_matches_sdpa(patched_sdpa, B, H, Hkv, T, D, dtype):
 
 @needs_kernel
 def test_decode_attention_takes_strided_queries_and_a_scale(patched_sdpa):
-    original = patched_sdpa
+    original = patched_sdpa.original
     q, k, v = _qkv(2, 4, 4, 9, 16)
     q = torch.cat([q, q, q], dim=-1)[..., 16:32]  # a slice of a fused q/k/v projection, as remote code has
     assert not q.is_contiguous()
     got = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert patched_sdpa.calls == [(2, 4, 1, 16)]
     torch.testing.assert_close(got, original(q, k, v, scale=0.3), rtol=1.6e-2, atol=1e-2)
 
 
@@ -329,13 +371,14 @@ def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa, d
     mask = torch.tensor([[[[False] * 3 + [True] * 6]]])
     padded = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([pad, k], 2), torch.cat([pad, v], 2),
                                                               attn_mask=mask)
+    assert len(patched_sdpa.calls) == 2  # both on the kernel
     assert torch.equal(padded, alone)
 
 
 @needs_kernel
 @pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp16", "dropout", "no-gqa-flag",
                                   "bf16-mask-on-fp32"])
-def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monkeypatch):
+def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case):
     from engine.kernels import attention
 
     q, k, v = _qkv(1, 4, 2 if case == "no-gqa-flag" else 4, 5, 16)
@@ -353,13 +396,11 @@ def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case, monke
     elif case == "bf16-mask-on-fp32":
         q, k, v = q.float(), k.float(), v.float()
         kw["attn_mask"] = torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16)
-    calls = []
-    monkeypatch.setattr(attention, "_attend", lambda *a: calls.append(a))
     try:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
     except RuntimeError:
         assert case in ("no-gqa-flag", "causal-and-mask", "bf16-mask-on-fp32")  # SDPA's own errors
-    assert calls == []
+    assert patched_sdpa.calls == []  # declined
 
 
 def _prompt_qkv(B, H, Hkv, Q, T, D, seed=0, dtype=torch.bfloat16):
@@ -372,7 +413,7 @@ def _prompt_qkv(B, H, Hkv, Q, T, D, seed=0, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", list(ATTENTION_DTYPES))
 @pytest.mark.parametrize("B,H,Hkv,Q,D", [(1, 9, 3, 37, 64), (2, 4, 4, 5, 72), (1, 2, 1, 300, 8), (1, 2, 1, 19, 20)])
 def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D, dtype):
-    original = patched_sdpa
+    original = patched_sdpa.original
     rtol, atol, further = ATTENTION_DTYPES[dtype]
     q, k, v = _prompt_qkv(B, H, Hkv, Q, Q, D, dtype=dtype)
     gqa = Hkv != H
@@ -380,8 +421,9 @@ def test_prompt_attention_matches_sdpa(patched_sdpa, B, H, Hkv, Q, D, dtype):
     keep = keep.expand(B, 1, Q, Q).clone()
     keep[-1, :, :, :2] = False  # the last row left-padded by 2: those keys masked for all its queries
     keep[-1, :, :2, :2] = True  # (as transformers does, padded queries attend to something: no NaN)
-    for kw in ({"is_causal": True}, {"attn_mask": keep}):
+    for i, kw in enumerate(({"is_causal": True}, {"attn_mask": keep})):
         got = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, **kw)
+        assert patched_sdpa.calls == [(B, H, Q, D)] * (i + 1), f"{kw}: not on the kernel"
         want = original(q, k, v, enable_gqa=gqa, **kw)
         exact = original(q.double(), k.double(), v.double(), enable_gqa=gqa, **kw)
         assert got.shape == want.shape and got.dtype == dtype, kw
@@ -417,6 +459,7 @@ def test_a_prompts_attention_is_the_same_alone_padded_or_split(patched_sdpa, dty
     rest_mask[..., shared + pad:] = causal[shared:, shared:]
     rest = sdpa(q[:, :, shared:], keys, values, attn_mask=rest_mask)
     head = sdpa(q[:, :, :shared], k[:, :, :shared], v[:, :, :shared], is_causal=True)
+    assert len(patched_sdpa.calls) == 4  # all four on the kernel
     assert torch.equal(torch.cat([head, rest], 2), alone)
 
 
@@ -434,6 +477,7 @@ def test_each_query_of_a_prompt_is_bitwise_its_own_decode_step(patched_sdpa, H, 
     for i in range(Q):
         step = sdpa(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], enable_gqa=True)
         assert torch.equal(prompt[:, :, i:i + 1], step), i
+    assert patched_sdpa.calls == [(2, H, Q, D)] + [(2, H, 1, D)] * Q  # the prompt and every step on the kernel
 
 
 @needs_kernel
