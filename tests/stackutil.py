@@ -68,7 +68,7 @@ class Stack:
 
     def up(self, api_keys: str | None = None) -> subprocess.CompletedProcess:
         """`launch up`; with `api_keys`, only this stack's supervisor gets CPU_ARENA_API_KEYS (it keeps its
-        environment for restarts): later stacks in the test session must not inherit it."""
+        environment for restarts): later stacks in the same test run must not inherit it."""
         with pytest.MonkeyPatch.context() as mp:
             if api_keys is not None:
                 mp.setenv("CPU_ARENA_API_KEYS", api_keys)

@@ -1,6 +1,6 @@
 """End to end in headless Chromium against the running stack: every tab streams answers (English and
 Chinese), a battle vote is logged and moves the leaderboard, and the page talks only to 127.0.0.1.
-Long CPU answers (issue 7): Stop ends a streaming answer, and a battle vote is possible mid-stream.
+Long CPU answers: Stop ends a streaming answer, and a battle vote is possible mid-stream.
 
 Needs Debian's `chromium` (+ `fonts-wqy-microhei` for readable Chinese screenshots) and the `playwright`
 Python package, which drives /usr/bin/chromium (never `playwright install`: no browser download here).
@@ -207,7 +207,7 @@ def test_arena_in_browser(stack, tmp_path):
 
 
 def run_long_answer_session(ui_url: str, run_dir: Path, served: list[str], shots: Path, profile: Path) -> None:
-    """Issue 7: Stop ends a long answer in direct chat; a battle vote is open (and logged) mid-stream."""
+    """Stop ends a long answer in direct chat; a battle vote is open (and logged) mid-stream."""
     requests_seen: list[str] = []
     with _arena_page(ui_url, profile, requests_seen) as page:
         # --- Direct chat: stop a 512-token answer once it streams, then ask again.

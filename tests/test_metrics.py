@@ -41,11 +41,11 @@ def _metric(text: str, name: str, **labels) -> float:
 
 
 @pytest.mark.stack
-def test_metrics_count_requests_errors_tokens_and_latency(stack):
+def test_metrics_count_requests_errors_tokens_and_latency(stack, stack_client):
     url = stack.api_url.removesuffix("/v1") + "/metrics"
     model = stack.cfg.models[0].name
     before = httpx.get(url, timeout=30).text
-    client = openai.OpenAI(base_url=stack.api_url, api_key="none", timeout=300, max_retries=0)
+    client = stack_client
     chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=6, stream=True))
     assert chunks

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import httpx
-import openai
 import pytest
 
 from launch.state import pid_alive, read_state
@@ -16,19 +15,14 @@ from tests.stackutil import default_models, free_ports_config, stack_for
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.api_url, api_key="none", timeout=300)
-
-
-def test_every_configured_model_is_listed(stack, client):
-    listed = {m.id for m in client.models.list().data}
+def test_every_configured_model_is_listed(stack, stack_client):
+    listed = {m.id for m in stack_client.models.list().data}
     assert listed == {m.name for m in stack.cfg.models}
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-coder-0.5b"])
-def test_chat_completion_non_streaming(client, model):
-    r = client.chat.completions.create(
+def test_chat_completion_non_streaming(stack_client, model):
+    r = stack_client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0, max_tokens=48,
     )
@@ -40,8 +34,8 @@ def test_chat_completion_non_streaming(client, model):
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-coder-0.5b"])
-def test_chat_completion_streaming(client, model):
-    stream = client.chat.completions.create(
+def test_chat_completion_streaming(stack_client, model):
+    stream = stack_client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Name one primary colour."}],
         temperature=0, max_tokens=24, stream=True,
     )
@@ -54,8 +48,8 @@ def test_chat_completion_streaming(client, model):
     assert finish in ("stop", "length")
 
 
-def test_qwen_answers_chinese_in_chinese(client):
-    r = client.chat.completions.create(
+def test_qwen_answers_chinese_in_chinese(stack_client):
+    r = stack_client.chat.completions.create(
         model="qwen2.5-coder-0.5b",
         messages=[{"role": "user", "content": "明明明明明白白白喜欢他，可她就是不说。这句话里，明明和白白谁喜欢谁？"}],
         temperature=0, max_tokens=64,
