@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from itertools import pairwise
+from pathlib import Path
 
-import torch
+import torch  # loaded before read_probe.c: its OpenMP runtime is the one the probe's libgomp.so.1 resolves to
 
 from bench.stats import Stat
+
+PROBE_SOURCE = Path(__file__).with_name("csrc") / "read_probe.c"
 
 
 @contextmanager
@@ -32,21 +37,49 @@ def bandwidth_bytes_per_s(n_threads: int, mb: int = 512, repeats: int = 5) -> St
     return Stat.of([probe() for _ in range(repeats)])
 
 
+class NativeReadProbe:
+    """read_probe.c, loaded: called on a contiguous fp32 tensor, its sum, read with 8 streams per thread."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._sum = ctypes.CDLL(str(path)).read_probe
+        self._sum.restype = ctypes.c_float
+        self._sum.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+
+    def __call__(self, a: torch.Tensor) -> float:
+        if a.dtype != torch.float32 or not a.is_contiguous():
+            raise ValueError("read_probe needs a contiguous fp32 tensor")
+        return self._sum(a.data_ptr(), a.numel(), torch.get_num_threads())
+
+
+@cache
+def native_read_probe() -> NativeReadProbe | None:
+    """read_probe.c compiled (once, by the kernels' build: same compiler flags, same cache) and loaded, or None
+    where it cannot be (a CPU without AVX2 and FMA, no C compiler): then the probe is torch's sum."""
+    from engine.host.hardware import cpu_flags
+    from engine.kernels.native import NEEDS, build
+
+    if not set(NEEDS) <= cpu_flags():
+        return None
+    try:
+        return NativeReadProbe(build(sources=(PROBE_SOURCE,), headers=(), name="read-probe"))
+    except (OSError, RuntimeError):
+        return None
+
+
 class ReadProbe:
     """A large fp32 array (larger than any cache), allocated once; each call reads it end to end and
     returns the bytes per second it took."""
 
     def __init__(self, n_threads: int, mb: int = 512):
         from engine.host.hugepages import collapse
-        from engine.kernels.native import native_kernel
 
         self.n_threads = n_threads
         self.x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)
         # On 2 MB pages where the kernel allows, like the served weights (hugepages.py): the memory's
         # limit, not the TLB's (4 kB pages read ~12% slower here).
         collapse([self.x])
-        native = native_kernel()[0]
-        self._read = native.read_probe if native is not None else torch.sum  # see read_probe.c for why
+        self._read = native_read_probe() or torch.sum  # see read_probe.c for why
         self()  # warm: page faults and thread pool start
 
     def __call__(self) -> float:
@@ -57,9 +90,7 @@ class ReadProbe:
 
 
 def probe_name() -> str:
-    from engine.kernels.native import native_kernel
-
-    return "read_probe.c, 8 streams per thread" if native_kernel()[0] is not None else "torch fp32 sum"
+    return "read_probe.c, 8 streams per thread" if native_read_probe() is not None else "torch fp32 sum"
 
 
 def param_bytes(model) -> tuple[int, int, bool]:

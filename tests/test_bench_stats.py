@@ -1,4 +1,5 @@
-"""Pure parts of the bench: statistics, roofline arithmetic, report shape (no timing asserted)."""
+"""Pure parts of the bench: statistics, roofline arithmetic, report shape (no timing asserted); the bandwidth
+probe's sum (bench/csrc/read_probe.c)."""
 
 from __future__ import annotations
 
@@ -258,3 +259,34 @@ def test_the_bench_removes_its_own_stack_folder_unless_something_failed(monkeypa
         assert bench.main(load_config(), ["--no-plot"]) == measured
     assert calls == ["up", "down"]
     assert len(made) == 1 and made[0].exists() == kept
+
+
+def _native_probe():
+    from bench.raw import native_read_probe
+
+    probe = native_read_probe()
+    if probe is None:
+        pytest.skip("read_probe.c cannot be built here (no AVX2 and FMA, or no C compiler)")
+    return probe
+
+
+@pytest.mark.parametrize("n", [0, 5, (1 << 18) + 3, 3 << 20])  # below one block, a block plus a tail, many
+def test_read_probe_reads_every_element(n):
+    import torch
+
+    probe = _native_probe()
+    x = torch.arange(n, dtype=torch.float32) % 7  # small integers: the sum is exact in fp32 per lane
+    assert probe(x) == pytest.approx(float(x.double().sum()), rel=1e-6)
+    with pytest.raises(ValueError):
+        probe(x.double())
+
+
+def test_read_probe_is_built_apart_from_the_served_kernels():
+    from bench.raw import PROBE_SOURCE, ReadProbe, probe_name
+    from engine.kernels.native import cache_dir
+
+    probe = _native_probe()
+    assert PROBE_SOURCE.parent.parent.name == "bench" and PROBE_SOURCE.is_file()
+    assert probe.path.parent == cache_dir() and probe.path.name.startswith("read-probe-")
+    assert probe_name() == "read_probe.c, 8 streams per thread"
+    assert ReadProbe(1, mb=8)._read is probe

@@ -1,7 +1,7 @@
 """Build (once, with the system's C compiler) and load the C kernels: linear.c (bf16 and fp32 linears on
 AVX2), linear_avx512bf16.c (bf16 linears on AVX512_BF16, called only where the CPU has it),
 attention.c (attention for bf16 and fp32: decode steps and prompts), fused_ops.c (RMSNorm, rotary embedding,
-SiLU-and-multiply), read_probe.c (the bench's bandwidth probe).
+SiLU-and-multiply). `build` compiles other sources the same way too (the bench's bandwidth probe, bench/raw.py).
 
 Why a plain C file behind ctypes and not a PyTorch C++ extension: it compiles in about a second
 with no PyTorch headers, needs no build step in `make setup`, and a machine without a compiler
@@ -26,7 +26,7 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 from engine.host.hardware import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(CSRC / name for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c", "read_probe.c"))
+SOURCES = tuple(CSRC / name for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c"))
 HEADERS = tuple(CSRC / name for name in ("bf16_simd.h", "linear_blocks.h", "attention_body.h", "fused_ops_body.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
@@ -81,9 +81,6 @@ class NativeKernel:
         self._mlp_block = lib.mlp_block_bf16
         self._mlp_block.restype = None
         self._mlp_block.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
-        self._probe = lib.read_probe
-        self._probe.restype = ctypes.c_float
-        self._probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.dtype == torch.bfloat16 and self.bf16_units and weight.dim() == 2:
@@ -115,12 +112,6 @@ class NativeKernel:
         self._linear_dp(operand.data_ptr(), xw.data_ptr(), _ptr(bias), y.data_ptr(), rows, n_out, n_in,
                         torch.get_num_threads())
         return y.to(x.dtype)
-
-    def read_probe(self, a: torch.Tensor) -> float:
-        """Sum of a contiguous fp32 tensor, read as the bench's bandwidth probe (read_probe.c)."""
-        if a.dtype != torch.float32 or not a.is_contiguous():
-            raise ValueError("read_probe needs a contiguous fp32 tensor")
-        return self._probe(a.data_ptr(), a.numel(), torch.get_num_threads())
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float, causal: bool = False) -> torch.Tensor:
@@ -232,24 +223,28 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel if this source and these flags were not compiled before; returns the library."""
+def build(out_dir: Path | None = None, sources: tuple[Path, ...] | None = None, headers: tuple[Path, ...] | None = None,
+          name: str = "kernels") -> Path:
+    """Compile `sources` (default: the kernels, SOURCES with HEADERS) into one library named after `name`, unless
+    these sources, headers and flags were compiled before; returns the library."""
+    sources = SOURCES if sources is None else sources
+    headers = HEADERS if headers is None else headers
     cc = compiler()
     if cc is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
-    text = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS)) + " ".join(FLAGS).encode()
+    text = b"".join(p.read_bytes() for p in (*sources, *headers)) + " ".join(FLAGS).encode()
     digest = hashlib.sha256(text).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    lib = out_dir / f"kernels-{digest}.so"
+    lib = out_dir / f"{name}-{digest}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in SOURCES)}: {done.stderr.strip()[-800:]}")
+            raise RuntimeError(f"{cc} failed on {', '.join(p.name for p in sources)}: {done.stderr.strip()[-800:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
