@@ -31,7 +31,8 @@ def arena(ckpts, serve_config):
     def make(lab_models: dict | None = None, glm_dtype: str = "float32"):
         models = [{"name": "smol", "path": str(ckpts["smol"]).replace("___", "."), "dtype": "float32"}]
         if lab_models is not None:
-            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": glm_dtype, "trust_remote_code": True})
+            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": glm_dtype, "trust_remote_code": True,
+                           "implementation": "remote"})
         return serve_config(models)
     return make
 

@@ -20,7 +20,8 @@ def arena(chat_template_model, serve_config):
     def make(lab_models: dict | None = None):
         models = [{"name": "smol", "path": str(chat_template_model), "dtype": "float32"}]
         if lab_models is not None:
-            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": "float32", "trust_remote_code": True})
+            models.append({"name": GLM, "path": str(lab_models[GLM]), "dtype": "float32", "trust_remote_code": True,
+                           "implementation": "remote"})
         return serve_config(models)
     make()
     return make

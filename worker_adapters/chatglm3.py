@@ -18,13 +18,14 @@ from transformers import AutoModel, AutoTokenizer
 
 from worker_adapters import adapter, message_text
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
-from worker_adapters.common import CheckpointAdapter, ensure_dtype
-from worker_adapters.policy import check_remote_code, cpu_dtype
+from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
+from worker_adapters.policy import check_remote_code, cpu_dtype, implementation_for
 from worker_adapters.shims import apply_tokenizer_shims
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 STOP_TOKENS = ("<|user|>", "<|observation|>")
 EOS_ID = 2
+USER_ID, OBSERVATION_ID = 64795, 64797  # the published tokenizer's ids of <|user|> and <|observation|>
 _ROLE_RE = message_text.markers_pattern(ROLE_TOKENS)
 # build_chat_input encodes message text with sentencepiece alone: a role token typed in a message is text.
 message_text.register_conversation("chatglm3", _ROLE_RE)
@@ -168,8 +169,15 @@ class ChatGLM3Adapter(CheckpointAdapter):
 
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)
-        check_remote_code(model_path, info.auto_map or {"AutoModel": "modeling_chatglm"})
         dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
+        if implementation_for(model_path) == "native":
+            # GlmForCausalLM and a sentencepiece tokenizer of the project's own: no remote code runs. The
+            # tokenizer turns the rendered prompt into build_chat_input's ids itself (native_tokenizers.py).
+            from worker_adapters.native_loader import load_native
+            from worker_adapters.native_tokenizers import load_chatglm3_tokenizer
+
+            return load_native(info.path, dtype), load_chatglm3_tokenizer(info.path)
+        check_remote_code(model_path, info.auto_map or {"AutoModel": "modeling_chatglm"})
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
         apply_tokenizer_shims(tokenizer)
         # config.json says float16; the requested CPU dtype wins (bf16 or fp32, never fp16).
@@ -183,4 +191,10 @@ class ChatGLM3Adapter(CheckpointAdapter):
         return get_conv_template("chatglm3")
 
     def generate_stream_function(self, model, model_path: str):
+        if getattr(model.config, "model_type", "") == "glm":
+            # Native: an ordinary causal LM fed tokenizer(prompt), so the batching engine serves it. The answer
+            # begins after ChatGLM3's (empty) metadata line: its newline is not answer text.
+            from fastchat.serve.inference import generate_stream
+
+            return with_stop_ids(generate_stream, (EOS_ID, USER_ID, OBSERVATION_ID), drop_leading="\n")
         return generate_stream_chatglm3

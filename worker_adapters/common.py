@@ -54,11 +54,13 @@ def load_tokenizer(path: str | Path, info: CheckpointInfo, *, trust_remote_code:
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
 
 
-def with_stop_ids(generate: Callable, stop_ids: Iterable[int]) -> Callable:
+def with_stop_ids(generate: Callable, stop_ids: Iterable[int], *, drop_leading: str = "") -> Callable:
     """Wrap a FastChat generate_stream function so the model's own stop ids always apply.
 
     The API server and UI send the template's stop ids, but a direct /worker_generate call may
-    send none; the model's end-of-turn ids must stop it either way.
+    send none; the model's end-of-turn ids must stop it either way. `drop_leading`: text the model
+    writes before its answer proper (ChatGLM3's metadata line ends in a newline), cut from the answer
+    once; the batching engine reads it from the function's attribute of that name.
     """
     ids = [int(i) for i in stop_ids if i is not None]
 
@@ -67,9 +69,14 @@ def with_stop_ids(generate: Callable, stop_ids: Iterable[int]) -> Callable:
         merged = list(params.get("stop_token_ids") or [])
         merged += [i for i in ids if i not in merged]
         params["stop_token_ids"] = merged
-        yield from generate(model, tokenizer, params, device, context_len, stream_interval, judge_sent_end)
+        cut = drop_leading if drop_leading and not params.get("echo", True) else ""
+        for out in generate(model, tokenizer, params, device, context_len, stream_interval, judge_sent_end):
+            if cut and isinstance(out.get("text"), str) and out["text"].startswith(cut):
+                out = {**out, "text": out["text"][len(cut):]}
+            yield out
 
     generate_stream.stop_ids = ids  # for tests and diagnostics
+    generate_stream.drop_leading = drop_leading
     generate_stream.wrapped = generate
     return generate_stream
 

@@ -78,6 +78,13 @@ def check_remote_code(model_path: str | os.PathLike, auto_map: dict) -> bool:
     )
 
 
+def implementation_for(model_path: str | os.PathLike) -> str:
+    """"native" (transformers' own class, no remote code) or "remote" (the checkpoint's modelling code), as the
+    model's config entry says; native where no entry names the path."""
+    _, entry = entry_for_path(model_path)
+    return entry.implementation if entry is not None else "native"
+
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -19,7 +19,7 @@ from worker_adapters import adapter
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
 from worker_adapters.message_text import keep_message_text, register_conversation
-from worker_adapters.policy import check_remote_code, cpu_dtype
+from worker_adapters.policy import check_remote_code, cpu_dtype, implementation_for
 from worker_adapters.shims import apply_import_shims
 
 CHATML_STOP_IDS = (151643, 151644, 151645)  # <|endoftext|>, <|im_start|>, <|im_end|>
@@ -43,9 +43,15 @@ class QwenChatAdapter(CheckpointAdapter):
 
     def load_model(self, model_path: str, from_pretrained_kwargs: dict):
         info = read_checkpoint(model_path)
+        dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
+        if implementation_for(model_path) == "native":
+            # Qwen2ForCausalLM and a tokenizer built from qwen.tiktoken: no remote code runs (native_loader.py).
+            from worker_adapters.native_loader import load_native
+            from worker_adapters.native_tokenizers import load_qwen_tokenizer
+
+            return load_native(info.path, dtype), keep_message_text(load_qwen_tokenizer(info.path))
         check_remote_code(model_path, info.auto_map or {"AutoModelForCausalLM": "modeling_qwen"})
         apply_import_shims()
-        dtype = cpu_dtype(model_path, from_pretrained_kwargs.get("torch_dtype"))
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
         set_precision_flags(config, dtype)
         if hasattr(config, "use_flash_attn"):
