@@ -91,8 +91,9 @@ class BatchEngine(EngineThread):
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
                  lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, drop_leading: str = ""):
         super().__init__()
+        self.drop_leading = drop_leading  # cut once from each answer's start (IncrementalText)
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be 1 or more, got {stream_interval}")
         self.stream_interval = stream_interval
@@ -234,7 +235,7 @@ class BatchEngine(EngineThread):
                                      share=self._ready_mask)
         rows, keep = [], []
         for i, req in enumerate(group):
-            req.detok = IncrementalText(self.tokenizer, req.prompt_ids)
+            req.detok = IncrementalText(self.tokenizer, req.prompt_ids, self.drop_leading)
             req.stop_text = StopText(req.params.stop)
             token = choose_token(logits[i], req.params, _history(req))
             row = _Row(req=req, length=len(req.prompt_ids), last_token=token)

@@ -23,6 +23,8 @@ class EnginePlan:
     stop_ids: tuple[int, ...] = ()
     # Why a model fed tokenizer(prompt) still runs one request at a time: what it did not accept.
     refused: str = ""
+    # Text the model writes before its answer proper, cut once (the adapter's generate function says which).
+    drop_leading: str = ""
 
     def describe(self) -> str:
         name = getattr(self.generate, "__name__", repr(self.generate))
@@ -44,7 +46,8 @@ def plan_for(model, model_path: str) -> EnginePlan:
     refused = batching_refusal(model)
     if refused:
         return EnginePlan("serial", fn, refused=refused)
-    return EnginePlan("batching", fn, tuple(int(i) for i in getattr(fn, "stop_ids", ())))
+    return EnginePlan("batching", fn, tuple(int(i) for i in getattr(fn, "stop_ids", ())),
+                      drop_leading=getattr(fn, "drop_leading", ""))
 
 
 PROBE_TOKENS = 3  # a length no model dimension is likely to share, so the cache's sequence axis is unambiguous
@@ -91,7 +94,7 @@ def build_engine(plan: EnginePlan, model, tokenizer, *, max_batch: int, context_
         from engine.batching import BatchEngine
 
         return BatchEngine(model, tokenizer, max_batch=max_batch, context_len=context_len, lease=lease,
-                           prefix_cache=prefix_cache, **chosen)
+                           prefix_cache=prefix_cache, drop_leading=plan.drop_leading, **chosen)
     from engine.serial import SerialEngine
 
     return SerialEngine(model, tokenizer, plan.generate, context_len=context_len, lease=lease, **chosen)

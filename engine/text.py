@@ -22,10 +22,14 @@ _DECODE = {"skip_special_tokens": True, "spaces_between_special_tokens": False,
 class IncrementalText:
     tokenizer: object
     prompt_ids: list[int]
+    # Text the model writes before its answer proper, cut once from the answer's start (ChatGLM3's metadata
+    # line ends in a newline after <|assistant|>); "" for none.
+    drop_leading: str = ""
     ids: list[int] = field(default_factory=list)
     text: str = ""
     _prefix: int = 0
     _read: int = 0
+    _pending: str = ""
 
     def __post_init__(self) -> None:
         self.ids = list(self.prompt_ids[-CONTEXT_TOKENS:])
@@ -43,9 +47,21 @@ class IncrementalText:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             delta = after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
-            self.text += delta
-            return delta
+            return self._append(delta)
         return ""
+
+    def _append(self, delta: str) -> str:
+        if self.drop_leading and not self.text:
+            # Held until the answer is long enough to tell whether it begins with the text to drop.
+            pending = self._pending + delta
+            if len(pending) < len(self.drop_leading) and self.drop_leading.startswith(pending):
+                self._pending = pending
+                return ""
+            self._pending = ""
+            delta = pending[len(self.drop_leading):] if pending.startswith(self.drop_leading) else pending
+            self.drop_leading = ""
+        self.text += delta
+        return delta
 
     def flush(self) -> str:
         """At the end: whatever is still held back, minus an unfinished character."""
@@ -53,7 +69,11 @@ class IncrementalText:
         after = self._decode(self.ids[self._prefix:]).rstrip("\ufffd")
         delta = after[len(before):] if len(after) > len(before) else ""
         self._prefix = self._read = len(self.ids)
-        self.text += delta
+        delta = self._append(delta)
+        if self._pending:  # the answer ended before it could tell: what was held is answer text
+            held, self._pending, self.drop_leading = self._pending, "", ""
+            self.text += held
+            delta += held
         return delta
 
 

@@ -154,3 +154,15 @@ def test_one_step_of_chunks_wakes_the_event_loop_once():
     got, wakeups = asyncio.run(run())
     assert got == [[f"row {i}", f"row {i}!"] for i in range(4)]
     assert wakeups == 1
+
+
+def test_text_before_the_answer_is_dropped_once(tokenizer):
+    """ChatGLM3 writes its (empty) metadata line's newline before the answer: cut once, never mid-answer."""
+    prompt = tokenizer("Say:").input_ids
+    answer = tokenizer("\nHello\nworld", add_special_tokens=False).input_ids
+    inc = IncrementalText(tokenizer, prompt, "\n")
+    streamed = "".join(inc.add(t) for t in answer) + inc.flush()
+    assert streamed == inc.text == "Hello\nworld"
+    plain = IncrementalText(tokenizer, prompt, "\n")
+    text = "".join(plain.add(t) for t in tokenizer("Hi\nthere", add_special_tokens=False).input_ids) + plain.flush()
+    assert text == "Hi\nthere"  # nothing to drop: untouched
