@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.prefix_cache import MIN_TOKENS, PrefixCache, usable
-from tests.test_batching import smollm2_path
+from tests.fixtures.embedded import smollm2_path
 
 
 def _layers(n: int, layers: int = 2, fill: float = 0.0) -> tuple:
