@@ -363,8 +363,7 @@ def main(cfg: ArenaConfig, argv: list[str]) -> int:
     finally:
         if tmp is not None:
             down = _launch(stack_cfg.source, "down", timeout=180)
-            # Its logs are kept only where something failed: every bench left its run folder in /tmp before
-            # (and the disk these machines share has filled up once, README "Troubleshooting").
+            # Its logs are kept only where something failed: a run folder per bench would pile up in /tmp.
             if code == 0 and down.returncode == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", default=None, help="system prompt (default none: the model's template default)")
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--concurrency", type=int, default=1,
-                     help="requests in flight (default 1: CPU workers share the cores, see STACK.md)")
+                     help="requests in flight (default 1: CPU workers share the cores, so more in flight mostly adds waiting)")
     run.add_argument("--name", help="run name under the runs root (re-using a name resumes that run)")
     run.add_argument("--out", help="run folder path (instead of --name)")
     run.add_argument("--new", action="store_true", help="start a new run even if the last one is unfinished")

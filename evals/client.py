@@ -25,7 +25,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 def make_client(base_url: str, api_key: str | None, timeout: float) -> openai.OpenAI:
     host = urlparse(base_url).hostname or ""
-    # A local stack must not go through an HTTP proxy from the environment (STACK.md).
+    # A local stack must not go through an HTTP proxy from the environment (offline machines often set one).
     http_client = httpx.Client(trust_env=host not in LOOPBACK, timeout=timeout)
     return openai.OpenAI(
         base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0, http_client=http_client

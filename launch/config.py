@@ -184,7 +184,7 @@ class ArenaConfig(_Strict):
         cores = os.cpu_count() or 1
         if self.shares_cores():
             return cores  # leased step by step: all of them while the other workers are idle
-        # A static split: N workers x all cores each oversubscribes and crawls (STACK.md).
+        # A static split: N workers x all cores each oversubscribes, and OpenMP's busy-wait then crawls.
         return max(1, cores // len(self.models))
 
     def shares_cores(self) -> bool:

@@ -50,7 +50,7 @@ def base_env(cfg: ArenaConfig) -> dict[str, str]:
         # and how long the controller keeps a silent worker.
         "FASTCHAT_WORKER_HEART_BEAT_INTERVAL": str(cfg.server.heartbeat_interval),
         "FASTCHAT_CONTROLLER_HEART_BEAT_EXPIRATION": str(cfg.server.heartbeat_expiration),
-        # Local calls must never go through a proxy (STACK.md).
+        # Local calls must never go through a proxy (offline machines often set one for package mirrors).
         "no_proxy": "localhost,127.0.0.1,::1",
         "NO_PROXY": "localhost,127.0.0.1,::1",
         "PYTHONUNBUFFERED": "1",

@@ -4,7 +4,7 @@ Why: a static split (cores / workers) leaves a worker with one thread even while
 workers sit idle, and on this CPU a 4-row decode step needs two threads to cost about one
 row (engine/kernels/linear.py). Giving every worker all cores instead oversubscribes them
 the moment two decode at once, and OpenMP's busy-wait then makes a worker ~28x slower
-(STACK.md). So the workers of a stack share a small file (`run/cores.lease`): one slot per
+(a 2-thread decode fell from 27 to 0.96 tok/s while another process kept one core busy). So the workers of a stack share a small file (`run/cores.lease`): one slot per
 worker holding "busy until" on the system-wide monotonic clock. Before each step (and each
 prefill) a worker marks itself busy and takes cores // (busy workers) threads; when it runs out
 of work it clears its slot. A worker that crashes mid-step clears its slot when it restarts (the
