@@ -293,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "option and default")
     p.add_argument("--max-batch", type=_positive, default=MAX_BATCH, help="rows decoded together")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=PREPACK_WEIGHTS,
-                   help="linear layers on the AVX2 kernel or oneDNN packed weights (engine/kernels/linear.py)")
+                   help="put the model on the kernels: linear layers on the project's C kernels or oneDNN packed "
+                        "weights, and where the C kernels serve them, attention and fused ops (engine/kernels/)")
     p.add_argument("--prefix-cache-mb", type=_non_negative, default=PREFIX_CACHE_MB,
                    help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off")
     p.add_argument("--threads", type=_positive, default=None,
