@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= deploy/models.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system models up down status logs check test lint download eval bench worker clean
+.PHONY: setup system models up down status logs check test test-fast lint download eval bench worker clean
 
 setup: system $(STAMP) models  ## system packages, .venv with exact pins, then fetch + convert the embedded models
 
@@ -42,6 +42,10 @@ check: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# No stack, no browser, no embedded models, nothing marked slow: a fresh checkout can run it before `make models`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not stack and not browser and not models and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

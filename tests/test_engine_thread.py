@@ -39,6 +39,7 @@ def _threads_left(where: str) -> int:
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_loading_off_the_main_thread_leaves_no_openmp_threads_behind():
     if _threads_left("main") == 0:  # the control: on the main thread the pool stays
         pytest.skip("this torch build keeps no OpenMP pool threads (not libgomp?)")

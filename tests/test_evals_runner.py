@@ -180,6 +180,7 @@ def test_failures_are_recorded_and_the_run_goes_on(fake, qfile, tmp_path):
     assert "| crash | ? | 4 | 4 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_skips_what_is_done(fake, qfile, tmp_path):
     fs, url = fake(delay=0.6)
     out = tmp_path / "run"
@@ -235,6 +236,7 @@ def test_default_run_resumes_the_unfinished_latest_run(fake, qfile, tmp_path):
         cli.main(["run", "--base-url", url, "--questions", str(qfile), "--out", str(run), "--max-tokens", "64"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_bounds_requests_in_flight(fake, qfile, tmp_path, concurrency):
     fs, url = fake(delay=0.4)

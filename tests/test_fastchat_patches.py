@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from launch.fastchat_patches import PATCHES, apply_all
 
 CHUNK = """
@@ -27,6 +29,7 @@ def test_streaming_json_upstream_bug_exists_without_the_patch():
     assert "ensure_ascii" in proc.stderr or "TypeError" in proc.stderr
 
 
+@pytest.mark.slow
 def test_streaming_json_patched_chunk_serialises_like_openai():
     proc = _run("from launch.fastchat_patches import apply_all; apply_all()\n" + CHUNK +
                 "print(chunk.json(exclude_unset=True, ensure_ascii=False))")

@@ -251,6 +251,7 @@ def _in_fresh_process(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_qwen_loads_only_with_the_import_shim(lab_models):
     """The published modeling_qwen.py imports transformers_stream_generator, which fails on the pinned
     transformers; transformers refuses to load remote code whose imports fail."""
@@ -264,6 +265,7 @@ def test_qwen_loads_only_with_the_import_shim(lab_models):
     assert shimmed.returncode == 0 and "loaded" in shimmed.stdout, shimmed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_chatglm3_needs_the_pad_shim(lab_models):
     code = (f"from transformers import AutoTokenizer\n"
             f"tok = AutoTokenizer.from_pretrained({str(lab_models[GLM])!r}, trust_remote_code=True)\n"

@@ -116,6 +116,7 @@ def _factory(tmp: Path, *argv: str, keys: str | None) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_api_server_reads_keys_from_config_and_environment_not_argv(tmp_path):
     proc = _factory(tmp_path, keys="env-key-1,env-key-2")
     assert proc.returncode == 0, proc.stderr
@@ -124,6 +125,7 @@ def test_api_server_reads_keys_from_config_and_environment_not_argv(tmp_path):
     assert keys == ["cfg-key-1", "env-key-1", "env-key-2"]  # stock FastChat: None (no auth at all)
 
 
+@pytest.mark.slow
 def test_api_server_refuses_keys_on_its_command_line(tmp_path):
     proc = _factory(tmp_path, "--api-keys", "visible-in-ps", keys=None)
     assert proc.returncode != 0
