@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.checkpoints import make_chat_template_model, serve_from, write_arena_config
-from tests.fixtures.embedded import models_present
+from tests.fixtures.embedded import models_present, smollm2_path
 from tests.stackutil import Stack, assert_stopped, free_ports_config, stack_for
 
 os.environ.setdefault("no_proxy", "localhost,127.0.0.1,::1")
@@ -37,12 +37,17 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_OWN_LOGDIR, ignore_errors=True)
 
 
+# Fixtures that need what `make test-fast` leaves out, and the marker every test using them must carry.
+NEEDS_MARKER = {"stack": "stack", "smollm2": "models"}
+
+
 def pytest_collection_modifyitems(config, items):
-    # A test that asks for the shared stack without the marker would start it inside `make test-fast`.
-    unmarked = [item.nodeid for item in items
-                if "stack" in getattr(item, "fixturenames", ()) and item.get_closest_marker("stack") is None]
+    # An unmarked test using these would start a stack, or fail without `make setup`, inside `make test-fast`.
+    unmarked = [f"{item.nodeid} (`{fixture}`: mark it `{marker}`)" for item in items
+                for fixture, marker in NEEDS_MARKER.items()
+                if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None]
     if unmarked:
-        raise pytest.UsageError(f"tests using the `stack` fixture must be marked `stack`: {unmarked}")
+        raise pytest.UsageError("tests without the marker their fixtures need:\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +68,12 @@ def stack_client(stack):
     import openai
 
     return openai.OpenAI(base_url=stack.api_url, api_key="none", timeout=300, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The embedded SmolLM2-135M-Instruct checkpoint (tests/fixtures/embedded.py); its tests are marked `models`."""
+    return smollm2_path()
 
 
 @pytest.fixture(scope="session")

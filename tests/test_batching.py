@@ -9,8 +9,6 @@ import time
 
 import pytest
 
-from tests.fixtures.embedded import smollm2_path
-
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
@@ -19,7 +17,7 @@ PROMPTS = [
 ]
 
 
-def _start_engine(dtype_name: str):
+def _start_engine(path, dtype_name: str):
     import torch
     from fastchat.model.model_adapter import load_model
 
@@ -27,14 +25,14 @@ def _start_engine(dtype_name: str):
     from engine.batching import BatchEngine
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    model, tok = load_model(str(smollm2_path()), device="cpu", num_gpus=1, dtype=getattr(torch, dtype_name))
+    model, tok = load_model(str(path), device="cpu", num_gpus=1, dtype=getattr(torch, dtype_name))
     kernels.install(model.eval())  # as the worker serves it by default
     return BatchEngine(model, tok, max_batch=4, context_len=2048).start()
 
 
 @pytest.fixture(scope="module")
-def engine():
-    eng = _start_engine("float32")
+def engine(smollm2):
+    eng = _start_engine(smollm2, "float32")
     yield eng
     eng.shutdown()
 
@@ -82,7 +80,7 @@ def test_batched_greedy_equals_single(engine):
 
 @pytest.mark.models
 @pytest.mark.slow
-def test_bf16_batched_greedy_equals_single():
+def test_bf16_batched_greedy_equals_single(smollm2):
     """bf16 as a 7B model is served here: on the project's kernels (AVX512_BF16 units or AVX2), batched."""
     import torch
 
@@ -92,7 +90,7 @@ def test_bf16_batched_greedy_equals_single():
         pytest.skip(f"bf16 is served one row at a time here: {linear_backend(torch.bfloat16)}")
     from engine import kernels
 
-    eng = _start_engine("bfloat16")
+    eng = _start_engine(smollm2, "bfloat16")
     try:
         test_batched_greedy_equals_single(eng)
     finally:

@@ -7,14 +7,13 @@ import pytest
 
 from engine.params import GenParams
 from engine.text import IncrementalText, StopText, find_stop, partial_stop_len
-from tests.fixtures.embedded import smollm2_path
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(smollm2):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_path())
+    return AutoTokenizer.from_pretrained(smollm2)
 
 
 @pytest.mark.models
@@ -156,6 +155,7 @@ def test_one_step_of_chunks_wakes_the_event_loop_once():
     assert wakeups == 1
 
 
+@pytest.mark.models
 def test_text_before_the_answer_is_dropped_once(tokenizer):
     """ChatGLM3 writes its (empty) metadata line's newline before the answer: cut once, never mid-answer."""
     prompt = tokenizer("Say:").input_ids
