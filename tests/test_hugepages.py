@@ -96,6 +96,7 @@ def test_a_gathered_model_keeps_its_tied_weights_and_its_output():
         assert torch.equal(model(ids), want)
 
 
+@pytest.mark.slow
 @needs_thp
 def test_gathering_does_not_keep_both_copies():
     # Freeing one big block raises glibc's mmap threshold, so the tensors below land on the heap, as a

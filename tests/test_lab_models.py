@@ -156,6 +156,7 @@ def _serve(name, model, tok, path, prompt: str, max_new_tokens: int, *, stream_i
     return list(fn(model, tok, params, "cpu", 8192, stream_interval))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", [GLM, QWEN])
 def test_fp32_greedy_text_equals_the_published_forward(name, implementation, lab_models, lab_config, loaded):
