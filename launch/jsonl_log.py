@@ -10,8 +10,7 @@ What a kill can and cannot do:
   cuts it off before it appends, so a torn record never gets glued to the next one.
 - Writers in several processes hold an exclusive flock while they repair and append, so they never
   interleave inside a line, and a repair never cuts a record another writer is still writing.
-Used for the UI's conversation and vote logs (launch/fastchat_patches/durable_ui_logs.py), the API
-access log and eval results.
+Used for the UI's conversation and vote logs (launch/ui/), the API access log and eval results.
 
     from launch.jsonl_log import append_record, read_records
     append_record(path, {"model": "m", "score": 1})      # one durable line

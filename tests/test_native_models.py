@@ -11,6 +11,8 @@ import torch
 from tests.fixtures.seed_models import GLM, QWEN, load_published
 from worker_adapters.native_loader import checkpoint_tensors, load_native
 
+# Whole models in both implementations, prompts up to 2,100 tokens: seconds each, so out of `make test-fast`.
+pytestmark = pytest.mark.slow
 LENGTHS = (1, 17, 300, 2100)
 
 

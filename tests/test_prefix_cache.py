@@ -130,6 +130,7 @@ def _prefills_from_kept_tokens(monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+@pytest.mark.models
 def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(model_and_tokenizer, monkeypatch):
     """A finished request's prompt and answer are kept; the next turn, whose prompt repeats them, is prefilled
     from them (only its new tokens run) and answers exactly as a whole prefill does, here and in the
@@ -158,6 +159,7 @@ def test_the_next_turn_of_a_chat_starts_from_the_kept_turn_with_the_same_answer(
         assert torch.equal(k, kw) and torch.equal(v, vw)
 
 
+@pytest.mark.models
 def test_a_model_whose_prompt_split_changes_its_logits_gets_no_prefix_cache(model_and_tokenizer, monkeypatch):
     from engine.batching import BatchEngine
     from engine.kernels import attention
@@ -170,6 +172,7 @@ def test_a_model_whose_prompt_split_changes_its_logits_gets_no_prefix_cache(mode
         BatchEngine(model, tok, prefix_cache=PrefixCache(1 << 20))
 
 
+@pytest.mark.models
 def test_prompts_that_begin_with_the_same_kept_tokens_are_prefilled_together(model_and_tokenizer, monkeypatch):
     """Two users continuing from one kept beginning (a shared system prompt and first turn) are prefilled in
     one pass over it, and each answers as it does prefilled whole and alone."""
@@ -187,6 +190,7 @@ def test_prompts_that_begin_with_the_same_kept_tokens_are_prefilled_together(mod
         eng.shutdown()
 
 
+@pytest.mark.models
 def test_the_bench_times_a_next_turn_whole_and_from_the_kept_turn(model_and_tokenizer):
     from bench.raw import next_turn_prefill
 
