@@ -16,19 +16,16 @@ import torch
 from fastchat.conversation import Conversation, get_conv_template
 from transformers import AutoModel, AutoTokenizer
 
-from worker_adapters import adapter, message_text
+from worker_adapters import adapter
+from worker_adapters.chatglm3_prompt import ROLE_TOKENS, build_input_ids
 from worker_adapters.checkpoint import CheckpointInfo, read_checkpoint
 from worker_adapters.common import CheckpointAdapter, ensure_dtype, with_stop_ids
 from worker_adapters.policy import check_remote_code, cpu_dtype, implementation_for
 from worker_adapters.shims import apply_tokenizer_shims
 
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 STOP_TOKENS = ("<|user|>", "<|observation|>")
 EOS_ID = 2
 USER_ID, OBSERVATION_ID = 64795, 64797  # the published tokenizer's ids of <|user|> and <|observation|>
-_ROLE_RE = message_text.markers_pattern(ROLE_TOKENS)
-# build_chat_input encodes message text with sentencepiece alone: a role token typed in a message is text.
-message_text.register_conversation("chatglm3", _ROLE_RE)
 
 
 def is_chatglm3(info: CheckpointInfo) -> bool:
@@ -41,43 +38,6 @@ def is_chatglm3(info: CheckpointInfo) -> bool:
         or "<|observation|>" in str(info.tokenizer_config)
         or "chatglm3" in str(info.config.get("_name_or_path", "")).lower()
     )
-
-
-def parse_prompt(prompt: str) -> list[dict]:
-    """The `chatglm3` template's text back into messages (role token, newline, content). Only the
-    template's role tokens start a message: a role token inside marked message text is text."""
-    messages: list[dict] = []
-    for is_text, piece in message_text.pieces(prompt):
-        if is_text:
-            if not messages:
-                messages.append({"role": "user", "content": ""})
-            messages[-1]["content"] += piece
-            continue
-        pos = 0
-        for m in _ROLE_RE.finditer(piece):
-            if messages:
-                messages[-1]["content"] += piece[pos:m.start()]
-            messages.append({"role": m.group(0)[2:-2], "content": ""})
-            pos = m.end()
-        if messages:
-            messages[-1]["content"] += piece[pos:]
-        elif piece:
-            messages.append({"role": "user", "content": piece})
-    for msg in messages:
-        msg["content"] = msg["content"][1:] if msg["content"].startswith("\n") else msg["content"]
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()  # the trailing "<|assistant|>" generation prompt
-    if not messages:
-        messages = [{"role": "user", "content": prompt}]
-    return messages
-
-
-def build_input_ids(tokenizer, prompt: str) -> list[int]:
-    messages = parse_prompt(prompt)
-    last = messages[-1]
-    role = last["role"] if last["role"] in ("user", "observation") else "user"
-    inputs = tokenizer.build_chat_input(query=last["content"], history=messages[:-1], role=role)
-    return inputs["input_ids"][0].tolist()
 
 
 def stop_ids(tokenizer) -> set[int]:

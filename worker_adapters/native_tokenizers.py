@@ -314,8 +314,7 @@ class ChatGLM3NativeTokenizer(PreTrainedTokenizer):
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids of a prompt rendered by FastChat's `chatglm3` template (message text marked as
         worker_adapters.message_text does): the ids the ChatGLM3 adapter's build_input_ids gives."""
-        # Imported here: worker_adapters.chatglm3 may import this module, and its parser is the one to use.
-        from worker_adapters.chatglm3 import build_input_ids
+        from worker_adapters.chatglm3_prompt import build_input_ids
 
         return build_input_ids(self, prompt)
 
