@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench --config X [--json PATH] [--quick] [--worker W] [--shape qwen-7b]`.
+"""`make bench` / `python -m bench --config X [--json PATH] [--quick] [--worker W] [--shape S]`.
 
 One run measures, per configured model: raw transformers `generate` (batch 1) decode tokens/s and
 time to first token; the same through the running OpenAI API with streaming, and their ratio;
@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.shapes import SHAPES
 from bench.stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
 from engine.host.hardware import cpu_count, resolve_dtype
 from launch.config import REPO_ROOT, ArenaConfig, ConfigError, load_config, write_config
@@ -32,6 +33,7 @@ from launch.ports import on_free_ports
 from launch.state import is_ours, read_state
 
 CLIENTS = (1, 2, 4, 8)
+SHAPE_NAMES = tuple(SHAPES)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "  make bench                                          # every configured model (~6-8 min on 2 quiet cores)\n"
                "  make bench ARGS='--quick --models smollm2-135m'     # smoke run, ~3 min\n"
                "  make bench ARGS='--quick --models smollm2-135m --worker fastchat'   # the stock worker\n"
-               "  make bench ARGS='--shape qwen-7b'                   # 7B-shaped bf16 model, no download, ~16 GB RAM\n"
+               "  make bench ARGS='--shape qwen-7b'                   # Qwen-7B-Chat-shaped random weights, ~16 GB RAM\n"
+               "  make bench ARGS='--shape chatglm3-6b'               # ChatGLM3-6B-shaped random weights, ~13 GB RAM\n"
                "The machine should be quiet: other processes on the cores skew every number (see the load\n"
                "average in the report).")
     p.add_argument("--json", type=Path, default=None,
@@ -54,8 +57,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="serve every model with this worker in a stack the bench starts (default: as configured)")
     p.add_argument("--models", default=None,
                    help="comma-separated subset of the configured models (default: all)")
-    p.add_argument("--shape", choices=("qwen-7b",), default=None,
-                   help="instead: a random-weight model with these dimensions in bf16 (needs ~16 GB RAM)")
+    p.add_argument("--shape", choices=SHAPE_NAMES, default=None,
+                   help="instead: a random-weight checkpoint with this model's dimensions in its published layout "
+                        "(written once to ~/.cache/cpu-arena/shapes, 13-16 GB), loaded in bf16 as the worker loads it "
+                        "(needs 13-16 GB RAM)")
     p.add_argument("--tokens", type=positive_int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")
@@ -205,8 +210,9 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
 def run_shape(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.raw import ReadProbe, build_shape_model, param_bytes, probe_name, probed_decode, raw_decode
-    from engine.host.hugepages import collapse_model
+    from bench import raw
+    from bench.raw import ReadProbe, param_bytes, probe_name, probed_decode, raw_decode
+    from engine.host.hugepages import collapse_model, release_checkpoint_files
     from engine.kernels import install as install_kernels
     from engine.kernels.linear import linear_backend
     from engine.kv_cache import GrowingCache
@@ -214,12 +220,15 @@ def run_shape(args: argparse.Namespace) -> int:
     n = cpu_count()
     torch.set_num_threads(n)
     t = time.perf_counter()
-    model = build_shape_model(args.shape)
+    model = raw.build_shape_model(args.shape)  # the checkpoint written or reused, then the native loader
     built = time.perf_counter() - t
+    how = getattr(model, "shape_build", None)  # None for a model built some other way (the tests' stand-ins)
     total, emb, tied = param_bytes(model)
-    # As the batching worker serves it: linears, attention and fused ops (engine/kernels/__init__.py).
+    # As the batching worker serves it (engine/worker.py): linears, attention and fused ops
+    # (engine/kernels/__init__.py), the weights on 2 MB pages, nothing left in the checkpoint's files.
     kernels = linear_backend(torch.bfloat16) if install_kernels(model) else "PyTorch's kernels"
     huge, why = collapse_model(model)
+    release_checkpoint_files(model)
     kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
     per_token = weight_bytes_per_token(total, emb, tied)
     tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
@@ -249,22 +258,53 @@ def run_shape(args: argparse.Namespace) -> int:
     step_rate = Stat.of([1 / s.step_s for s in steps])
     roof = roofline_tokens_per_s(bw.median, per_token)
     rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
-    out = {"shape": args.shape, "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built, "weights_bytes": total,
-           "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()), "bandwidth_gbs": bw.median / 1e9,
+    load = how.load if how else None
+    out = {"shape": args.shape, "path": how.path if how else "a model built in memory (not the native loader)",
+           "checkpoint": str(how.checkpoint) if how else None, "checkpoint_dtype": how.checkpoint_dtype if how else None,
+           "checkpoint_bytes": how.checkpoint_bytes if how else None,
+           "checkpoint_written_s": how.written_s if how else None, "load_s": how.load_s if how else None,
+           "load_peak_rss_bytes": load.peak_rss_bytes if load else None,
+           "load_rss_ratio": load.ratio if load else None, "load_rss": asdict(load) if load else None,
+           "cpu": cpu_model(), "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built,
+           "weights_bytes": total, "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()),
+           "bandwidth_gbs": bw.median / 1e9,
            "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "decode_tokens_per_s_per_step": step_rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
            "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_noise": [fraction.min, fraction.max],
            "roofline_fraction_against_faster_probe": strict.__dict__,
            "probed_steps": [{"step_s": s.step_s, "before_gbs": s.before / 1e9, "after_gbs": s.after / 1e9} for s in steps],
            "decode_tokens_per_s_per_repeat": rates,
-           "batch4_aggregate_tokens_per_s": rate4.__dict__}
-    print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB built in {built:.0f} s, "
-          f"RSS {out['rss_bytes'] / 1e9:.1f} GB\n  bandwidth {bw.median / 1e9:.1f} ({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
+           "batch4_aggregate_tokens_per_s": rate4.__dict__,
+           # Against batch 1 timed the same way (generate lengths), not against the probed steps.
+           "batch4_ratio": rate4.median / rate.median,
+           "loadavg_1min_end": os.getloadavg()[0]}
+    if how:
+        written = f"written in {how.written_s:.0f} s" if how.written_s is not None else "reused"
+        source = (f"{how.path}; checkpoint {how.checkpoint} ({how.checkpoint_bytes / 1e9:.1f} GB {how.checkpoint_dtype}, "
+                  f"{written}); load peak RSS {load.peak_rss_bytes / 1e9:.2f} GB = {load.ratio:.3f} x the "
+                  f"{load.weights_bytes / 1e9:.2f} GB of bf16 weights (its own process; {load.load_s:.0f} s)")
+    else:
+        source = out["path"]
+    print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB ready in "
+          f"{built:.0f} s, RSS {out['rss_bytes'] / 1e9:.1f} GB\n  {source}\n  bandwidth {bw.median / 1e9:.1f} "
+          f"({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
           f"roofline {roof:.2f} tok/s; batch 1 decode {step_rate.fmt(2)} tok/s a step ({rate.fmt(2)} by generate "
           f"lengths); {fraction.fmt(2)} of the roofline "
           f"({len(steps)} steps, each against the probe read right before it; {strict.fmt(2)} against the faster of "
-          f"the probes before and after it); 64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total")
+          f"the probes before and after it); 64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total "
+          f"(x{out['batch4_ratio']:.2f} batch 1 by generate lengths)")
     _write_json(args, out)
     return 0
+
+
+def cpu_model() -> str | None:
+    """lscpu's "Model name" (the results' file names carry it: figures are per machine)."""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
 
 
 def _write_json(args: argparse.Namespace, out: dict) -> Path:

@@ -1,4 +1,4 @@
-"""In-process measurements: memory bandwidth, plain transformers `generate`, the 7B-shaped model."""
+"""In-process measurements: memory bandwidth, plain transformers `generate`, the 7B-shaped models."""
 
 from __future__ import annotations
 
@@ -195,36 +195,12 @@ def next_turn_prefill(model, first: list[int], answer: list[int], second: list[i
     return Stat.of(whole), Stat.of(kept) if kept else None, hit.tokens if hit else 0
 
 
-# Qwen-7B(-Chat)'s dimensions; Qwen2's architecture has the same blocks (qkv bias, SwiGLU, RMSNorm).
-QWEN_7B_SHAPE = {
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 151936,
-    "max_position_embeddings": 8192, "tie_word_embeddings": False,
-}
-
-
 def build_shape_model(shape: str, dtype: torch.dtype = torch.bfloat16):
-    """A random-weight model with a real model's dimensions, allocated directly in `dtype`.
+    """The shape's random-weight model as the batching worker loads it: its published-layout checkpoint written
+    (once) and loaded by the native loader in `dtype` (bench/shapes.py). `model.shape_build` (a
+    shapes.ShapeBuild) says from where, and what the load cost in memory, measured in a child process."""
+    from bench.shapes import SHAPES, build
 
-    Built on the meta device then materialised empty in bf16: fp32 is never allocated
-    (a 7B model in fp32 needs 31 GB). Random normal weights: speed does not depend on values.
-    """
-    if shape != "qwen-7b":
-        raise ValueError(f"unknown shape {shape!r}; known: qwen-7b")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(**QWEN_7B_SHAPE, torch_dtype=dtype)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are declared in bf16, so to_empty allocates bf16
-    try:
-        with torch.device("meta"):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    # Buffers (rotary inv_freq) were left empty by to_empty: rebuild that small module.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    return model.eval()
+    model, how = build(SHAPES[shape], str(dtype).removeprefix("torch."))
+    model.shape_build = how
+    return model

@@ -13,6 +13,8 @@ layouts). Their architectures are standard blocks that transformers 4.57 impleme
   GLM's gate_up_proj as is (gate first, as ChatGLM's swiglu chunks it); eps is `layernorm_epsilon`.
 Tensors are read one at a time (safetensors or `.bin` shards, whichever the download has), converted to the
 served dtype and placed into a model whose parameters start empty, so no second full copy is ever held.
+Safetensors shards are read with plain reads, not mapped: a mapped shard's pages count in the process's RSS until
+it is closed, the whole shard on top of the weights at the peak (see safetensors_tensors).
 tests/test_native_models.py holds this mapping to the published code: logits within 1e-4 in fp32.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,14 +132,18 @@ LAYOUTS: dict[str, Callable[[Path], NativeLayout]] = {"qwen": qwen_layout, "chat
 def checkpoint_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a checkpoint folder, one at a time: safetensors shards if present, else `.bin` shards
     (memory-mapped, so a shard is never read whole into memory)."""
+    for name, tensor, _ in _checkpoint_tensors(folder):
+        yield name, tensor
+
+
+def _checkpoint_tensors(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """checkpoint_tensors with, for each tensor, whether it owns its memory (else it lives in a mapped file);
+    safetensors' floating tensors already in `dtype` where given (safetensors_tensors)."""
     st = sorted(folder.glob("*.safetensors"))
     if st:
-        from safetensors import safe_open
-
         for f in st:
-            with safe_open(str(f), framework="pt") as shard:
-                for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, shard.get_tensor(name)
+            for name, tensor in safetensors_tensors(f, dtype):
+                yield name, tensor, True
         return
     bins = sorted(f for f in folder.glob("*.bin") if f.name.startswith("pytorch_model"))
     if not bins:
@@ -144,8 +151,80 @@ def checkpoint_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for f in bins:
         shard = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
         for name in list(shard):
-            yield name, shard.pop(name)
+            yield name, shard.pop(name), False
         del shard
+
+
+# The safetensors format's dtype names (its header), little-endian as the format stores them.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def safetensors_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of one safetensors file in file order, each read into memory of its own; floating tensors
+    converted to `dtype` where given.
+
+    Why not safetensors' safe_open: it maps the file, and every page a copy out of it touches stays in this
+    process's RSS (as RssFile) until the file is closed, the current ~2 GB shard on top of the weights. Peak RSS
+    of load_native in bf16 against the weights, `make bench ARGS='--shape ...'` checkpoints (bench/shapes.py):
+    Qwen-7B-shaped (bf16 stored) 1.141 mapped, 1.92 GB of it the shard's pages; 1.023 read. A same-dtype tensor is
+    read once, straight into the memory it is served from (safe_open's needed a copy out of the mapping). Another
+    dtype is converted as it is read, through a small reused buffer: ChatGLM3-6B-shaped (fp16 stored) 1.113
+    mapped, 1.071 read whole then converted (the 0.53 GB fp16 embedding held twice), 1.034 converted in chunks.
+    """
+    stage = None
+    with open(path, "rb", buffering=0) as f:
+        (size,) = struct.unpack("<Q", _read_exactly(f, 8))
+        header = json.loads(_read_exactly(f, size))
+        header.pop("__metadata__", None)
+        base = 8 + size
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            stored = SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which the loader does not read")
+            start, end = info["data_offsets"]
+            target = dtype if dtype is not None and stored.is_floating_point else stored
+            tensor = torch.empty(info["shape"], dtype=target)
+            if tensor.numel() * stored.itemsize != end - start:
+                raise ValueError(f"{path}: {name} holds {end - start} bytes for shape {info['shape']} {info['dtype']}")
+            f.seek(base + start)
+            if target == stored:
+                _read_into(f, _bytes_of(tensor), path)
+            else:
+                if stage is None or stage.dtype != stored:
+                    stage = torch.empty(STAGE_BYTES // stored.itemsize, dtype=stored)
+                flat = tensor.view(-1)
+                for i in range(0, flat.numel(), stage.numel()):
+                    part = stage[:min(stage.numel(), flat.numel() - i)]
+                    _read_into(f, _bytes_of(part), path)
+                    flat[i:i + part.numel()].copy_(part)
+            yield name, tensor
+
+
+STAGE_BYTES = 16 << 20  # what a conversion adds to the peak; large enough that the per-chunk calls cost nothing
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's memory as a writable byte buffer."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def _read_exactly(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"{f.name}: ends inside its header (not a safetensors file?)")
+    return data
+
+
+def _read_into(f, view: memoryview, path: Path) -> None:
+    # One read returns at most ~2 GB on Linux, and fewer bytes than asked whenever it likes: loop.
+    while view.nbytes:  # an empty tensor reads nothing
+        n = f.readinto(view)
+        if not n:
+            raise ValueError(f"{path}: ends before its tensors do (truncated?)")
+        view = view[n:]
 
 
 def load_native(folder: str | Path, dtype: torch.dtype):
@@ -163,17 +242,19 @@ def load_native(folder: str | Path, dtype: torch.dtype):
         model = layout.model_class(layout.config)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for name, tensor in checkpoint_tensors(folder):
+    for name, tensor, owned in _checkpoint_tensors(folder, dtype):
         for native, t in layout.rename(name, tensor):
             param = expected.get(native)
             if param is None:
                 raise ValueError(f"{folder}: {name} maps to {native}, which {layout.model_class.__name__} lacks")
             if tuple(param.shape) != tuple(t.shape):
                 raise ValueError(f"{folder}: {name} -> {native}: shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-            value = t.to(dtype)
-            if value.data_ptr() == t.data_ptr():  # same dtype: own the memory (a .bin shard is a mapped file)
+            value = t.to(dtype).contiguous()
+            # Same dtype: `value` is `t`. A parameter gets memory of its own: a .bin shard's tensors live in the mapped
+            # file, and a part of a fused tensor (q of query_key_value) would keep all of it alive.
+            if value.data_ptr() == t.data_ptr() and not (owned and value.nbytes == value.untyped_storage().nbytes()):
                 value = value.clone()
-            _set_param(model, native, value.contiguous())
+            _set_param(model, native, value)
             loaded.add(native)
         del tensor
     missing = sorted(set(expected) - loaded)
