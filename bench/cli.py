@@ -69,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clients", type=client_counts, default=None,
                    help="concurrent streaming client counts (default 1,2,4,8; quick 1,2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-long-prompts", action="store_true",
+                   help="skip the long prompts (bench/prompts.py: TTFT of ~1,000- and ~4,000-token prompts served, "
+                        "on the engine and on plain PyTorch, against the matmul peak; quick: 1,000 only)")
     return p.parse_args(argv)
 
 
@@ -414,6 +417,8 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
     from bench.api import aggregate_rounds, api_decode, shared_decode
+    from bench.prompts import PromptPlan
+    from bench.prompts import measure as measure_prompts
     from bench.raw import ReadProbe, bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
 
     tokens, repeats, rounds, clients = plan.tokens, plan.repeats, plan.rounds, plan.clients
@@ -466,14 +471,16 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
         shared = shared_decode(api, [(n, tokenizers[n]) for n in names], tokens, repeats, headers)
         for r in reports:
             r.shared_decode_tps = shared.get(r.name)
+    long_prompts = measure_prompts(stack_cfg, names, PromptPlan.of(args), api, headers, tokenizers,
+                                   progress=lambda line: print(line, flush=True))
     # Other processes on the same cores skew every number: keep the load next to them.
     machine["loadavg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     settings = {**asdict(plan), "clients": list(clients), "config": str(cfg.source),
                 "stack_config": str(stack_cfg.source),
                 "prefix_cache": "off in the bench's stack" if stack_cfg is not cfg else "as configured (running stack)"}
-    out = report_json(reports, machine, up_time, settings)
+    out = report_json(reports, machine, up_time, settings, long_prompts)
     print()
-    print(table(reports, machine, up_time))
+    print(table(reports, machine, up_time, long_prompts))
     print(f"load average (1 min): {load_start[0]:.2f} at start, {machine['loadavg_1min']['end']:.2f} at end "
           f"on {cpu_count()} cores")
     path = _write_json(args, out)

@@ -119,7 +119,8 @@ def _stat(s: Stat | None):
     return asdict(s) if s is not None else None
 
 
-def report_json(models: list[ModelReport], machine: dict, up_time_s: float | None, settings: dict) -> dict:
+def report_json(models: list[ModelReport], machine: dict, up_time_s: float | None, settings: dict,
+                long_prompts: dict | None = None) -> dict:
     out = {
         "machine": machine,
         "settings": settings,
@@ -149,14 +150,65 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
             "next_turn_prefill_s": {"prompt_tokens": m.next_turn_tokens, "kept_tokens": m.next_turn_kept,
                                     "whole": _stat(m.next_turn_whole_s), "from_kept_turn": _stat(m.next_turn_kept_s)},
         }
+    out.update(long_prompt_fields(long_prompts))
     return out
+
+
+def long_prompt_fields(prompts: dict | None) -> dict:
+    """The long prompts' top-level JSON keys (bench/prompts.py): per model and prompt length as asked ("1000"),
+    served TTFT / plain PyTorch prompt pass (median, min, max over the repeats) and each path's fraction of the
+    matmul peak (medians); the whole measurement under "long_prompts"."""
+    if not prompts:
+        return {}
+    ratio, fraction = {}, {}
+    for name, m in prompts["models"].items():
+        lengths = m.get("lengths", {})
+        ratio[name] = {k: v["served_vs_torch"] for k, v in lengths.items()}
+        fraction[name] = {k: {p: (v[f"{p}_fraction_of_matmul_peak"] or {}).get("median")
+                              for p in ("served", "engine", "torch")} for k, v in lengths.items()}
+    return {"prefill_vs_torch_ratio": ratio, "prompt_fraction_of_matmul_peak": fraction, "long_prompts": prompts}
+
+
+def _s(d: dict | None, digits: int = 2) -> str:
+    """A Stat's JSON form as Stat.fmt writes it."""
+    return "-" if not d else Stat(d["median"], d["min"], d["max"], d["n"]).fmt(digits)
+
+
+def long_prompt_lines(prompts: dict | None) -> list[str]:
+    """The table's block of long-prompt figures: the CPU, the prompt pass's path, the matmul peak, per model and
+    length the three prompt passes, served / plain PyTorch and the fraction of the peak."""
+    if not prompts:
+        return []
+    units = ", ".join(prompts.get("cpu_units", [])) or "no vector units listed"
+    lines = ["", f"long prompts on {prompts['cpu_model']} ({units})"]
+    for dtype, path in prompts["paths"].items():
+        lines.append(f"  {dtype} prompt pass: linears on {path['linear']}; attention on {path['attention']}")
+    for dtype, peak in prompts["matmul_peak_gflops"].items():
+        if "error" in peak:
+            lines.append(f"  matmul peak {dtype}: failed ({peak['error'][:200]})")
+            continue
+        lines.append(f"  matmul peak {dtype} {'x'.join(map(str, peak['shape']))}, {peak['threads']} thread(s): "
+                     f"torch.matmul {_s(peak['torch'], 0)} GFLOP/s, "
+                     f"{peak['kernel_name'] or 'no project kernel'} {_s(peak['kernel'], 0)} GFLOP/s")
+    for name, m in prompts["models"].items():
+        if m.get("error"):
+            lines.append(f"  {name}: failed ({m['error'][:200]})")
+        for k, v in m.get("lengths", {}).items():
+            frac = {p: (v[f"{p}_fraction_of_matmul_peak"] or {}).get("median") for p in ("served", "engine", "torch")}
+            lines.append(f"  {name} {round(sum(v['tokens']) / len(v['tokens']))} tokens (asked {k}): served TTFT "
+                         f"{_s(v['served_s'])} s; prompt pass on the engine {_s(v['engine_s'])} s, plain PyTorch "
+                         f"{_s(v['torch_s'])} s; served/PyTorch x{_s(v['served_vs_torch'])}")
+            lines.append(f"  {' ' * len(name)} served {_s(v['served_tokens_per_s'], 0)} tok/s; of the matmul peak: served "
+                         f"{_f(frac['served'])}, engine {_f(frac['engine'])}, PyTorch {_f(frac['torch'])}; API and worker "
+                         f"add {_f(v['api_overhead_s'], '{:.3f}')} s")
+    return lines
 
 
 def _f(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> str:
+def table(models: list[ModelReport], machine: dict, up_time_s: float | None, long_prompts: dict | None = None) -> str:
     lines = [
         f"memory bandwidth at the start: {machine.get('bandwidth_gbs', 0):.1f} GB/s at {machine.get('bandwidth_threads')} thread(s) "
         f"({machine.get('bandwidth_all_gbs', 0):.1f} GB/s at {machine.get('cores')})   make up: {_f(up_time_s, '{:.0f} s')}",
@@ -188,4 +240,4 @@ def table(models: list[ModelReport], machine: dict, up_time_s: float | None) -> 
         if m.shared_decode_tps is not None:
             lines.append(f"  all workers decoding at once: {m.shared_decode_tps.fmt()} tok/s = "
                          f"{_f(m.shared_fraction)} of solo (target >= 0.40)")
-    return "\n".join(lines)
+    return "\n".join(lines + long_prompt_lines(long_prompts))

@@ -1,0 +1,148 @@
+"""The bench's long prompts (bench/prompts.py): the prompt builder, the plan, the arithmetic and the report's
+fields and block, on fake timings (no stack, no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import parse_args
+from bench.prompts import (
+    LENGTHS,
+    ModelShape,
+    PromptPlan,
+    build_prompt,
+    fitting_length,
+    measure,
+    paired_ratio,
+    peak_gflops,
+    prompt_flops,
+    summarize,
+)
+from bench.stats import long_prompt_fields, long_prompt_lines, report_json, table
+
+TEMPLATE = ["<s>", "system", "be", "brief", "</s>", "user"]  # a chat template's fixed tokens around the message
+
+
+def word_render(text: str) -> list[str]:
+    """A tokenizer of one token per word and a template, so the expected counts are exact."""
+    return [*TEMPLATE, *text.split(), "</s>", "assistant"]
+
+
+@pytest.mark.parametrize("target", [100, 1000, 4000])
+def test_prompt_reaches_the_asked_length(target):
+    text, ids = build_prompt(word_render, target, "run-a")
+    assert target * 0.97 <= len(ids) <= target
+    assert ids == word_render(text)
+
+
+def test_prompts_differ_from_their_first_words_per_repeat():
+    texts = [build_prompt(word_render, 500, f"run-a-m-1000-{r}")[0] for r in range(3)]
+    assert len(set(texts)) == 3
+    # Not even their beginnings agree past the template: no prefix cache can serve any of it.
+    starts = {tuple(t.split()[:3]) for t in texts}
+    assert len(starts) == 3
+    # The same tag gives the same text (a repeat's three paths see the same prompt).
+    assert build_prompt(word_render, 500, "run-a-m-1000-0")[0] == texts[0]
+
+
+@pytest.mark.models
+def test_prompt_length_with_a_real_tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    from bench.prompts import renderer
+    from launch.fastchat_entry import prepare_process
+
+    prepare_process()
+    render = renderer(str(smollm2), AutoTokenizer.from_pretrained(smollm2))
+    for target in (1000, 4000):
+        a, ids_a = build_prompt(render, target, "x-0")
+        b, ids_b = build_prompt(render, target, "x-1")
+        assert target * 0.97 <= len(ids_a) <= target and target * 0.97 <= len(ids_b) <= target
+        common = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y)
+        assert common < 64  # the chat template's system prompt only
+
+
+def test_a_prompt_that_would_not_fit_is_shortened():
+    assert fitting_length(4000, 32768) == 4000
+    assert fitting_length(4000, 2048) < 2048
+
+
+def test_plan_honours_quick_and_no_long_prompts():
+    assert PromptPlan.of(parse_args([])) == PromptPlan(LENGTHS, 3)
+    assert PromptPlan.of(parse_args([])).lengths == (1000, 4000)
+    assert PromptPlan.of(parse_args(["--quick"])) == PromptPlan((1000,), 1)
+    assert PromptPlan.of(parse_args(["--repeats", "5"])).repeats == 5
+    off = PromptPlan.of(parse_args(["--no-long-prompts"]))
+    assert off.lengths == ()
+    assert PromptPlan.of(parse_args(["--quick", "--no-long-prompts"])).lengths == ()
+    # Nothing is started or asked for when the plan measures nothing.
+    assert measure(None, ["m"], off, "http://unused", {}, {}) is None
+
+
+SHAPE = ModelShape(linear_params=1_000_000, head_params=50_000, layers=2, heads=4, head_dim=8)
+
+
+def test_prompt_flops():
+    # 2 per weight per token, the head once, causal attention: 2 products x 2 x heads x dim x T(T+1)/2 per layer.
+    assert prompt_flops(SHAPE, 1) == 2e6 + 1e5 + 2 * 2 * 2 * 4 * 8 * 1
+    assert prompt_flops(SHAPE, 100) == pytest.approx(2e8 + 1e5 + 2 * 2 * 2 * 4 * 8 * 100 * 101 / 2)
+
+
+def test_ratio_is_paired_per_repeat():
+    s = paired_ratio([2.0, 3.0, 4.0], [1.0, 2.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.0, 1.5, 2.0, 3)
+    assert paired_ratio([], []) is None
+
+
+def test_peak_is_the_faster_path():
+    assert peak_gflops({"torch": {"median": 400.0}, "kernel": {"median": 420.0}}) == 420.0
+    assert peak_gflops({"torch": {"median": 400.0}, "kernel": None}) == 400.0
+    assert peak_gflops({"error": "x"}) is None
+
+
+def fake_prompts() -> dict:
+    rec = {"tokens": [1000, 990, 1000], "served": [2.0, 2.2, 2.1], "engine": [1.8, 2.0, 1.9],
+           "torch": [2.5, 2.4, 2.6]}
+    length = summarize(rec, SHAPE, peak=100.0)
+    return {"cpu_model": "AMD EPYC", "cpu_units": ["avx2", "avx512_bf16"], "plan": {"lengths": [1000], "repeats": 3},
+            "paths": {"bfloat16": {"linear": "the AVX512_BF16 kernel (linear_avx512bf16.c)",
+                                   "attention": "attention.c up to 1024 prompt tokens, torch's SDPA (flash) beyond"}},
+            "matmul_peak_gflops": {"bfloat16": {"dtype": "bfloat16", "shape": [2048, 2048, 2048], "threads": 2,
+                                                "torch": {"median": 90.0, "min": 80.0, "max": 95.0, "n": 8},
+                                                "kernel": {"median": 100.0, "min": 99.0, "max": 101.0, "n": 8},
+                                                "kernel_name": "the AVX512_BF16 kernel (linear_avx512bf16.c)"}},
+            "models": {"m": {"dtype": "bfloat16", "threads": 2, "lengths": {"1000": length}},
+                       "broken": {"error": "RuntimeError: no"}}}
+
+
+def test_summary_of_fake_timings():
+    v = fake_prompts()["models"]["m"]["lengths"]["1000"]
+    assert v["served_s"]["median"] == 2.1 and v["torch_s"]["median"] == 2.5
+    # Per repeat (2.0/2.5, 2.2/2.4, 2.1/2.6), then the median: not the ratio of the medians (2.1/2.5).
+    assert v["served_vs_torch"]["median"] == pytest.approx(2.1 / 2.6)
+    assert v["served_vs_torch"]["min"] == pytest.approx(2.0 / 2.5)
+    assert v["served_vs_torch"]["max"] == pytest.approx(2.2 / 2.4)
+    assert v["served_tokens_per_s"]["median"] == pytest.approx(1000 / 2.1)
+    # FLOPs / seconds / peak, per repeat, then the median.
+    assert v["torch_fraction_of_matmul_peak"]["median"] == pytest.approx(prompt_flops(SHAPE, 1000) / 2.5 / 100e9)
+    assert v["api_overhead_s"] == pytest.approx(2.1 - 1.9)
+
+
+def test_json_fields_and_table_block():
+    prompts = fake_prompts()
+    fields = long_prompt_fields(prompts)
+    assert fields["prefill_vs_torch_ratio"]["m"]["1000"]["median"] == pytest.approx(2.1 / 2.6)
+    assert set(fields["prompt_fraction_of_matmul_peak"]["m"]["1000"]) == {"served", "engine", "torch"}
+    assert fields["prefill_vs_torch_ratio"]["broken"] == {}
+    assert long_prompt_fields(None) == {}
+    out = report_json([], {}, None, {}, prompts)
+    json.dumps(out)  # the report is written as JSON
+    assert out["long_prompts"]["cpu_model"] == "AMD EPYC"
+    assert "prefill_vs_torch_ratio" not in report_json([], {}, None, {})
+    text = "\n".join(long_prompt_lines(prompts))
+    assert "AMD EPYC" in text and "linear_avx512bf16.c" in text and "attention.c" in text
+    assert "served/PyTorch x0.81 (0.80-0.92)" in text and "broken: failed" in text
+    assert table([], {}, None, prompts).endswith(long_prompt_lines(prompts)[-1])
+    assert long_prompt_lines(None) == []
