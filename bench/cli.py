@@ -15,7 +15,6 @@ side (bench_api.client_order), so the machine's drift between rounds stays out o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.output import process_rss, write_json
+from bench.shape_run import run_shape
 from bench.shapes import SHAPES
 from bench.stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
 from engine.host.hardware import cpu_count, resolve_dtype
@@ -134,16 +135,6 @@ def _running(cfg: ArenaConfig) -> bool:
     return bool(state and state.phase == "ready" and is_ours(state.supervisor_pid))
 
 
-def _rss(pid: int | None) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _load(cfg: ArenaConfig, name: str):
     import torch
     from fastchat.model.model_adapter import load_model
@@ -208,114 +199,6 @@ def _prompt_ids(cfg: ArenaConfig, name: str, tok):
     import torch
 
     return torch.tensor([tok(conv.get_prompt()).input_ids])
-
-
-def run_shape(args: argparse.Namespace) -> int:
-    import torch
-
-    from bench import raw
-    from bench.raw import ReadProbe, param_bytes, probe_name, probed_decode, raw_decode
-    from engine.host.hugepages import collapse_model, release_checkpoint_files
-    from engine.kernels import install as install_kernels
-    from engine.kernels.linear import linear_backend
-    from engine.kv_cache import GrowingCache
-
-    n = cpu_count()
-    torch.set_num_threads(n)
-    t = time.perf_counter()
-    model = raw.build_shape_model(args.shape)  # the checkpoint written or reused, then the native loader
-    built = time.perf_counter() - t
-    how = getattr(model, "shape_build", None)  # None for a model built some other way (the tests' stand-ins)
-    total, emb, tied = param_bytes(model)
-    # As the batching worker serves it (engine/worker.py): linears, attention and fused ops
-    # (engine/kernels/__init__.py), the weights on 2 MB pages, nothing left in the checkpoint's files.
-    kernels = linear_backend(torch.bfloat16) if install_kernels(model) else "PyTorch's kernels"
-    huge, why = collapse_model(model)
-    release_checkpoint_files(model)
-    kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
-    per_token = weight_bytes_per_token(total, emb, tied)
-    tokens, repeats = args.tokens or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3)
-    tokens = max(tokens, 2)  # a probed run needs two tokens to time one step between probes
-    ids = torch.randint(0, 1000, (1, 64))
-    probe = ReadProbe(n)
-    # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
-    # ~300 ms step here at 80 tokens (engine/kv_cache.py).
-    raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
-    rates, ttfts, steps, readings = [], [], [], []
-    for _ in range(repeats):
-        rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=GrowingCache)
-        rates.append(rate.median)
-        ttfts.append(ttft.median)
-        # The roofline next to each step: this VM's bandwidth switches bands within seconds (probed_decode).
-        run = probed_decode(model, ids, tokens, probe, cache=GrowingCache)
-        steps += run
-        readings += [s.before for s in run] + [run[-1].after]
-    rate, ttft = Stat.of(rates), Stat.of(ttfts)
-    # Each step's bytes/s against the probe read right before it (the target's figure), and the stricter
-    # reading: a roofline is a ceiling, so against the faster of the probes before and after it.
-    fraction = Stat.of([per_token / s.step_s / s.before for s in steps])
-    strict = Stat.of([per_token / s.step_s / max(s.before, s.after) for s in steps])
-    bw = Stat.of(readings)
-    # The same steps' own rate: raw_decode's (an N-token generate less a 1-token one) carries the noise of two
-    # prefills and once read 4.25 tok/s, 65 GB/s, where no probe read more than 56.
-    step_rate = Stat.of([1 / s.step_s for s in steps])
-    roof = roofline_tokens_per_s(bw.median, per_token)
-    rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
-    load = how.load if how else None
-    out = {"shape": args.shape, "path": how.path if how else "a model built in memory (not the native loader)",
-           "checkpoint": str(how.checkpoint) if how else None, "checkpoint_dtype": how.checkpoint_dtype if how else None,
-           "checkpoint_bytes": how.checkpoint_bytes if how else None,
-           "checkpoint_written_s": how.written_s if how else None, "load_s": how.load_s if how else None,
-           "load_peak_rss_bytes": load.peak_rss_bytes if load else None,
-           "load_rss_ratio": load.ratio if load else None, "load_rss": asdict(load) if load else None,
-           "cpu": cpu_model(), "dtype": "bfloat16", "kernels": kernels, "threads": n, "built_s": built,
-           "weights_bytes": total, "bytes_read_per_token": per_token, "rss_bytes": _rss(os.getpid()),
-           "bandwidth_gbs": bw.median / 1e9,
-           "bandwidth_noise_gbs": [bw.min / 1e9, bw.max / 1e9], "bandwidth_probe": probe_name(), "decode_tokens_per_s": rate.__dict__, "decode_tokens_per_s_per_step": step_rate.__dict__, "ttft_64_tokens_s": ttft.__dict__, "roofline_tokens_per_s": roof,
-           "roofline_fraction": {args.shape: fraction.median}, "roofline_fraction_noise": [fraction.min, fraction.max],
-           "roofline_fraction_against_faster_probe": strict.__dict__,
-           "probed_steps": [{"step_s": s.step_s, "before_gbs": s.before / 1e9, "after_gbs": s.after / 1e9} for s in steps],
-           "decode_tokens_per_s_per_repeat": rates,
-           "batch4_aggregate_tokens_per_s": rate4.__dict__,
-           # Against batch 1 timed the same way (generate lengths), not against the probed steps.
-           "batch4_ratio": rate4.median / rate.median,
-           "loadavg_1min_end": os.getloadavg()[0]}
-    if how:
-        written = f"written in {how.written_s:.0f} s" if how.written_s is not None else "reused"
-        source = (f"{how.path}; checkpoint {how.checkpoint} ({how.checkpoint_bytes / 1e9:.1f} GB {how.checkpoint_dtype}, "
-                  f"{written}); load peak RSS {load.peak_rss_bytes / 1e9:.2f} GB = {load.ratio:.3f} x the "
-                  f"{load.weights_bytes / 1e9:.2f} GB of bf16 weights (its own process; {load.load_s:.0f} s)")
-    else:
-        source = out["path"]
-    print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB ready in "
-          f"{built:.0f} s, RSS {out['rss_bytes'] / 1e9:.1f} GB\n  {source}\n  bandwidth {bw.median / 1e9:.1f} "
-          f"({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
-          f"roofline {roof:.2f} tok/s; batch 1 decode {step_rate.fmt(2)} tok/s a step ({rate.fmt(2)} by generate "
-          f"lengths); {fraction.fmt(2)} of the roofline "
-          f"({len(steps)} steps, each against the probe read right before it; {strict.fmt(2)} against the faster of "
-          f"the probes before and after it); 64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total "
-          f"(x{out['batch4_ratio']:.2f} batch 1 by generate lengths)")
-    _write_json(args, out)
-    return 0
-
-
-def cpu_model() -> str | None:
-    """lscpu's "Model name" (the results' file names carry it: figures are per machine)."""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def _write_json(args: argparse.Namespace, out: dict) -> Path:
-    path = args.json or (REPO_ROOT / "run" / "bench" / time.strftime("bench-%Y%m%d-%H%M%S.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"JSON: {path}")
-    return path
 
 
 def plot(reports: list[ModelReport], path: Path) -> None:
@@ -454,7 +337,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
         around += [probe() for _ in range(3)]
         r = ModelReport(name=name, worker=m.worker, dtype=resolve_dtype(m.dtype), threads=n_threads,
                         weights_bytes=total, bytes_per_token=per_token, raw_decode_tps=raw_rate, raw_ttft_s=raw_ttft,
-                        rss_bytes=_rss(worker_pids.get(name)))
+                        rss_bytes=process_rss(worker_pids.get(name)))
         print(f"[{name}] API streaming ...", flush=True)
         if turn:
             r.next_turn_tokens, r.next_turn_kept, r.next_turn_whole_s, r.next_turn_kept_s = turn
@@ -483,7 +366,7 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     print(table(reports, machine, up_time, long_prompts))
     print(f"load average (1 min): {load_start[0]:.2f} at start, {machine['loadavg_1min']['end']:.2f} at end "
           f"on {cpu_count()} cores")
-    path = _write_json(args, out)
+    path = write_json(args, out)
     if not args.no_plot:
         plot(reports, path.with_suffix(".png"))
     return 0

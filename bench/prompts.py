@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.output import cpu_model
 from bench.stats import Stat
 
 LENGTHS = (1000, 4000)
@@ -164,24 +165,6 @@ def _d(s: Stat | None) -> dict | None:
 
 
 # ---- the machine ----
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (what the figures were measured on), else /proc/cpuinfo's."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
 
 def cpu_units() -> list[str]:
     """The CPU flags that decide the prompt pass's path."""
