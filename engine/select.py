@@ -66,9 +66,16 @@ def batching_refusal(model) -> str:
     params = inspect.signature(model.forward).parameters
     if "logits_to_keep" not in params:
         return f"{type(model).__name__}.forward takes no logits_to_keep"
-    try:
+    from engine.thread import off_main_thread
+
+    def probe():
         with torch.inference_mode():
-            out = model(input_ids=torch.zeros(1, PROBE_TOKENS, dtype=torch.long), use_cache=True, logits_to_keep=1)
+            return model(input_ids=torch.zeros(1, PROBE_TOKENS, dtype=torch.long), use_cache=True, logits_to_keep=1)
+
+    try:
+        # On a short-lived thread: a forward on the worker's main thread would leave an OpenMP pool there
+        # that halves every later decode step's speed (engine/thread.py).
+        out = off_main_thread(probe)
     except Exception as e:  # noqa: BLE001 - any failure of the engine's call is a reason to stay serial
         return f"a forward as the engine calls it raised {type(e).__name__}: {e}"
     from engine.prefill import legacy

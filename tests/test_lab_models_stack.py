@@ -33,7 +33,8 @@ SEED_CONFIG = REPO_ROOT / "deploy" / "seed-models.toml"
 # served name -> (model, dtype, implementation)
 SERVED = {GLM: (GLM, "float32", "native"), QWEN: (QWEN, "float32", "native"),
           f"{GLM}-bf16": (GLM, "bfloat16", "native"), f"{QWEN}-bf16": (QWEN, "bfloat16", "native"),
-          f"{GLM}-remote": (GLM, "float32", "remote"), f"{QWEN}-remote": (QWEN, "float32", "remote")}
+          f"{GLM}-remote": (GLM, "float32", "remote"), f"{QWEN}-remote": (QWEN, "float32", "remote"),
+          f"{GLM}-remote-bf16": (GLM, "bfloat16", "remote"), f"{QWEN}-remote-bf16": (QWEN, "bfloat16", "remote")}
 
 
 @pytest.fixture(scope="module")
