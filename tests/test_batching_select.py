@@ -147,3 +147,30 @@ def test_both_engines_send_text_every_stream_interval_tokens(chat_template_model
         assert all((n - 1) % 3 == 0 for n in sent[first_text + 1:-1]) and sent[-1] == 12, sent
         assert len(sent) - first_text <= 5, sent
 
+
+
+def test_the_engine_probe_runs_no_compute_on_the_callers_thread():
+    """The worker decides its engine on its main thread; a forward there would leave an OpenMP pool on that
+    long-lived thread, which throttles every later decode step (engine/thread.py)."""
+    import functools
+    import threading
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.select import batching_refusal
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=100)).eval()
+    seen = []
+    original = model.forward
+
+    @functools.wraps(original)  # the probe reads the signature first
+    def forward(*args, **kwargs):
+        seen.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    assert batching_refusal(model) == ""
+    assert seen and threading.current_thread() not in seen
+    assert torch.get_num_threads() >= 1
