@@ -17,7 +17,7 @@ from engine.select import plan_for
 from launch.config import REPO_ROOT
 from launch.fastchat_patches import adapter_dispatch as hooks
 from tests.fixtures.checkpoints import serve_from, write_arena_config
-from tests.fixtures.seed_models import GLM, QWEN, STOPS, greedy_reference, official_ids, served_text
+from tests.fixtures.seed_models import GLM, QWEN, STOPS, chat, greedy_reference, official_ids, served_text
 from worker_adapters.chat_template import ChatTemplateAdapter
 from worker_adapters.chatglm3 import ChatGLM3Adapter, build_input_ids
 from worker_adapters.policy import RemoteCodeNotAllowed
@@ -77,15 +77,7 @@ def loaded(lab_models):
 
 
 def _conversation(name_or_path: str, query: str, history: list, system: str | None):
-    conv = ma.get_conversation_template(name_or_path)
-    if system is not None:
-        conv.set_system_message(system)
-    for user, assistant in history:
-        conv.append_message(conv.roles[0], user)
-        conv.append_message(conv.roles[1], assistant)
-    conv.append_message(conv.roles[0], query)
-    conv.append_message(conv.roles[1], None)
-    return conv
+    return chat(ma.get_conversation_template(name_or_path), query, history, system)
 
 
 def served_ids(name: str, tok, prompt: str, implementation: str) -> list[int]:

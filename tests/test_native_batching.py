@@ -16,7 +16,7 @@ from engine.batching import BatchEngine
 from engine.params import GenParams
 from engine.prefix_cache import PrefixCache
 from engine.select import plan_for
-from tests.fixtures.seed_models import GLM, QWEN
+from tests.fixtures.seed_models import GLM, QWEN, chat
 from worker_adapters.chatglm3 import ChatGLM3Adapter
 from worker_adapters.qwen import QwenChatAdapter
 
@@ -51,13 +51,7 @@ def served(request, lab_models):
 
 
 def _prompt(name: str, question: str, history: tuple = ()) -> str:
-    conv = ma.get_conversation_template(name)
-    for user, assistant in history:
-        conv.append_message(conv.roles[0], user)
-        conv.append_message(conv.roles[1], assistant)
-    conv.append_message(conv.roles[0], question)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return chat(ma.get_conversation_template(name), question, history).get_prompt()
 
 
 def _engine(model, tok, plan, **kw) -> BatchEngine:

@@ -20,7 +20,7 @@ from fastchat.conversation import get_conv_template
 
 import worker_adapters.native_tokenizers as nt
 from launch.config import REPO_ROOT
-from tests.fixtures.seed_models import GLM, QWEN, official_ids
+from tests.fixtures.seed_models import GLM, QWEN, chat, official_ids
 from worker_adapters import message_text
 from worker_adapters.native_tokenizers import load_chatglm3_tokenizer, load_qwen_tokenizer
 
@@ -274,15 +274,7 @@ def marks():
 
 
 def _rendered(name: str, query: str, history: list, system: str | None) -> str:
-    conv = get_conv_template("chatglm3" if name == GLM else "qwen-7b-chat")
-    if system is not None:
-        conv.set_system_message(system)
-    for user, assistant in history:
-        conv.append_message(conv.roles[0], user)
-        conv.append_message(conv.roles[1], assistant)
-    conv.append_message(conv.roles[0], query)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    return chat(get_conv_template("chatglm3" if name == GLM else "qwen-7b-chat"), query, history, system).get_prompt()
 
 
 @pytest.mark.parametrize("case", sorted(CONVERSATIONS))
