@@ -43,6 +43,29 @@ def _remote_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
+def _renamer(*, top: dict[str, str], layer_prefix: str, fused_qkv: str, qkv_sizes: tuple[int, int, int],
+             per_layer: dict[str, str]) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """A published tensor name -> the native tensors it becomes, for a decoder whose layers are numbered under
+    `layer_prefix` and whose attention fuses q, k, v (weight and bias) in one tensor of `qkv_sizes` rows.
+    Names in neither table (the remote code's rotary inv_freq buffers) map to nothing: recomputed natively."""
+    layer_re = re.compile(re.escape(layer_prefix) + r"(\d+)\.(.+)")
+
+    def rename(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name in top:
+            return [(top[name], t)]
+        m = layer_re.fullmatch(name)
+        if m is None:
+            return []
+        layer, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        if rest.startswith(fused_qkv):
+            kind = rest.rsplit(".", 1)[1]
+            parts = t.split(qkv_sizes, dim=0)
+            return [(f"{layer}self_attn.{p}_proj.{kind}", x) for p, x in zip("qkv", parts, strict=True)]
+        return [(layer + per_layer[rest], t)] if rest in per_layer else []
+
+    return rename
+
+
 def qwen_layout(folder: Path) -> NativeLayout:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -61,26 +84,13 @@ def qwen_layout(folder: Path) -> NativeLayout:
         bos_token_id=None, eos_token_id=151643, pad_token_id=151643,
     )
 
-    def rename(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name == "transformer.wte.weight":
-            return [("model.embed_tokens.weight", t)]
-        if name == "transformer.ln_f.weight":
-            return [("model.norm.weight", t)]
-        if name == "lm_head.weight":
-            return [("lm_head.weight", t)]
-        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
-        if m is None:
-            return []  # buffers of the remote code (rotary inv_freq), recomputed natively
-        layer, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest.startswith("attn.c_attn."):
-            kind = rest.rsplit(".", 1)[1]
-            q, k, v = t.split(hidden, dim=0)
-            return [(f"{layer}self_attn.{p}_proj.{kind}", x) for p, x in zip("qkv", (q, k, v), strict=True)]
-        native = {"attn.c_proj.weight": "self_attn.o_proj.weight", "ln_1.weight": "input_layernorm.weight",
-                  "ln_2.weight": "post_attention_layernorm.weight", "mlp.w1.weight": "mlp.up_proj.weight",
-                  "mlp.w2.weight": "mlp.gate_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight"}
-        return [(layer + native[rest], t)] if rest in native else []
-
+    rename = _renamer(
+        top={"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"},
+        layer_prefix="transformer.h.", fused_qkv="attn.c_attn.", qkv_sizes=(hidden, hidden, hidden),
+        per_layer={"attn.c_proj.weight": "self_attn.o_proj.weight", "ln_1.weight": "input_layernorm.weight",
+                   "ln_2.weight": "post_attention_layernorm.weight", "mlp.w1.weight": "mlp.up_proj.weight",
+                   "mlp.w2.weight": "mlp.gate_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight"})
     return NativeLayout(Qwen2ForCausalLM, config, rename)
 
 
@@ -103,26 +113,16 @@ def glm_layout(folder: Path) -> NativeLayout:
     )
     sizes = (heads * head_dim, groups * head_dim, groups * head_dim)
 
-    def rename(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if name == "transformer.embedding.word_embeddings.weight":
-            return [("model.embed_tokens.weight", t)]
-        if name == "transformer.encoder.final_layernorm.weight":
-            return [("model.norm.weight", t)]
-        if name == "transformer.output_layer.weight":
-            return [("lm_head.weight", t)]
-        m = re.fullmatch(r"transformer\.encoder\.layers\.(\d+)\.(.+)", name)
-        if m is None:
-            return []  # rotary_pos_emb.inv_freq: recomputed natively
-        layer, rest = f"model.layers.{m.group(1)}.", m.group(2)
-        if rest.startswith("self_attention.query_key_value."):
-            kind = rest.rsplit(".", 1)[1]
-            q, k, v = t.split(sizes, dim=0)
-            return [(f"{layer}self_attn.{p}_proj.{kind}", x) for p, x in zip("qkv", (q, k, v), strict=True)]
-        native = {"self_attention.dense.weight": "self_attn.o_proj.weight", "input_layernorm.weight": "input_layernorm.weight",
-                  "post_attention_layernorm.weight": "post_attention_layernorm.weight",
-                  "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight", "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight"}
-        return [(layer + native[rest], t)] if rest in native else []
-
+    rename = _renamer(
+        top={"transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+             "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+             "transformer.output_layer.weight": "lm_head.weight"},
+        layer_prefix="transformer.encoder.layers.", fused_qkv="self_attention.query_key_value.", qkv_sizes=sizes,
+        per_layer={"self_attention.dense.weight": "self_attn.o_proj.weight",
+                   "input_layernorm.weight": "input_layernorm.weight",
+                   "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+                   "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+                   "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight"})
     return NativeLayout(GlmForCausalLM, config, rename)
 
 
