@@ -108,6 +108,9 @@ def fitting_length(target: int, context_len: int) -> int:
     return min(target, context_len - ANSWER_TOKENS - 8)
 
 
+PATHS = ("served", "stock", "engine", "torch")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What a prompt pass computes: the decoder's linear weights (every token), the output projection's (the
@@ -129,10 +132,10 @@ def prompt_flops(shape: ModelShape, tokens: int) -> float:
     return linear + attention
 
 
-def paired_ratio(served: list[float], torch: list[float]) -> Stat | None:
-    """Served TTFT / plain PyTorch prompt pass, per repeat (the two were measured next to each other), then
-    median and min-max over the repeats."""
-    return Stat.of([s / t for s, t in zip(served, torch, strict=False) if s and t])
+def paired_ratio(served: list[float], other: list[float]) -> Stat | None:
+    """Served TTFT / another path's time (plain PyTorch's prompt pass, the stock twin's served TTFT), per repeat
+    (the two were measured next to each other), then median and min-max over the repeats."""
+    return Stat.of([s / t for s, t in zip(served, other, strict=False) if s and t])
 
 
 def peak_gflops(peak: dict) -> float | None:
@@ -142,10 +145,11 @@ def peak_gflops(peak: dict) -> float | None:
 
 
 def summarize(length: dict, shape: ModelShape, peak: float | None) -> dict:
-    """One model and length's report from its per-repeat `tokens` and seconds (`served`, `engine`, `torch`):
-    Stats of each, prompt tokens/s, fraction of the matmul peak (per repeat, median), served / torch."""
+    """One model and length's report from its per-repeat `tokens` and seconds (`served`, `stock`, `engine`,
+    `torch`; any but served may be missing): Stats of each, prompt tokens/s, fraction of the matmul peak (per
+    repeat, median), served / torch and served / stock (per repeat, median)."""
     out: dict = {"tokens": length["tokens"]}
-    for path in ("served", "engine", "torch"):
+    for path in PATHS:
         times = length.get(path) or []
         pairs = [(n, t) for n, t in zip(length["tokens"], times, strict=False) if t]
         out[f"{path}_s"] = _d(Stat.of([t for _, t in pairs]))
@@ -154,6 +158,9 @@ def summarize(length: dict, shape: ModelShape, peak: float | None) -> dict:
             [prompt_flops(shape, n) / t / (peak * 1e9) for n, t in pairs])) if peak else None
     out["flops"] = prompt_flops(shape, round(sum(length["tokens"]) / len(length["tokens"])))
     out["served_vs_torch"] = _d(paired_ratio(length.get("served") or [], length.get("torch") or []))
+    # The default worker against FastChat's stock worker, both through the same API server: the done-when's
+    # second bound (<= 1.10).
+    out["served_vs_stock"] = _d(paired_ratio(length.get("served") or [], length.get("stock") or []))
     # What the API server and the worker add to the engine's own pass (HTTP, templating, tokenizing, queueing).
     served, engine = out["served_s"], out["engine_s"]
     out["api_overhead_s"] = served["median"] - engine["median"] if served and engine else None

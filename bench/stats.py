@@ -156,17 +156,20 @@ def report_json(models: list[ModelReport], machine: dict, up_time_s: float | Non
 
 def long_prompt_fields(prompts: dict | None) -> dict:
     """The long prompts' top-level JSON keys (bench/prompts.py): per model and prompt length as asked ("1000"),
-    served TTFT / plain PyTorch prompt pass (median, min, max over the repeats) and each path's fraction of the
-    matmul peak (medians); the whole measurement under "long_prompts"."""
+    served TTFT / plain PyTorch prompt pass and served TTFT / the stock twin's (median, min, max over the repeats;
+    None without a twin) and each path's fraction of the matmul peak (medians); the whole measurement under
+    "long_prompts"."""
     if not prompts:
         return {}
-    ratio, fraction = {}, {}
+    ratio, stock, fraction = {}, {}, {}
     for name, m in prompts["models"].items():
         lengths = m.get("lengths", {})
         ratio[name] = {k: v["served_vs_torch"] for k, v in lengths.items()}
+        stock[name] = {k: v.get("served_vs_stock") for k, v in lengths.items()}
         fraction[name] = {k: {p: (v[f"{p}_fraction_of_matmul_peak"] or {}).get("median")
                               for p in ("served", "engine", "torch")} for k, v in lengths.items()}
-    return {"prefill_vs_torch_ratio": ratio, "prompt_fraction_of_matmul_peak": fraction, "long_prompts": prompts}
+    return {"prefill_vs_torch_ratio": ratio, "served_vs_stock_ratio": stock, "prompt_fraction_of_matmul_peak": fraction,
+            "long_prompts": prompts}
 
 
 def _s(d: dict | None, digits: int = 2) -> str:
@@ -176,7 +179,8 @@ def _s(d: dict | None, digits: int = 2) -> str:
 
 def long_prompt_lines(prompts: dict | None) -> list[str]:
     """The table's block of long-prompt figures: the CPU, the prompt pass's path, the matmul peak, per model and
-    length the three prompt passes, served / plain PyTorch and the fraction of the peak."""
+    length the three prompt passes, served / plain PyTorch, the stock twin's served TTFT and served / stock, and
+    the fraction of the peak."""
     if not prompts:
         return []
     units = ", ".join(prompts.get("cpu_units", [])) or "no vector units listed"
@@ -193,6 +197,8 @@ def long_prompt_lines(prompts: dict | None) -> list[str]:
     for name, m in prompts["models"].items():
         if m.get("error"):
             lines.append(f"  {name}: failed ({m['error'][:200]})")
+        if (m.get("stock_twin") or {}).get("error"):
+            lines.append(f"  {name}: stock twin failed ({m['stock_twin']['error'][:200]})")
         for k, v in m.get("lengths", {}).items():
             frac = {p: (v[f"{p}_fraction_of_matmul_peak"] or {}).get("median") for p in ("served", "engine", "torch")}
             lines.append(f"  {name} {round(sum(v['tokens']) / len(v['tokens']))} tokens (asked {k}): served TTFT "
@@ -201,6 +207,9 @@ def long_prompt_lines(prompts: dict | None) -> list[str]:
             lines.append(f"  {' ' * len(name)} served {_s(v['served_tokens_per_s'], 0)} tok/s; of the matmul peak: served "
                          f"{_f(frac['served'])}, engine {_f(frac['engine'])}, PyTorch {_f(frac['torch'])}; API and worker "
                          f"add {_f(v['api_overhead_s'], '{:.3f}')} s")
+            if v.get("stock_s"):
+                lines.append(f"  {' ' * len(name)} stock FastChat worker {m['stock_twin']['name']} served TTFT "
+                             f"{_s(v['stock_s'])} s; served/stock x{_s(v['served_vs_stock'])}")
     return lines
 
 

@@ -146,3 +146,26 @@ def test_json_fields_and_table_block():
     assert "served/PyTorch x0.81 (0.80-0.92)" in text and "broken: failed" in text
     assert table([], {}, None, prompts).endswith(long_prompt_lines(prompts)[-1])
     assert long_prompt_lines(None) == []
+
+
+def test_served_vs_stock_is_paired_per_repeat_and_reported():
+    rec = {"tokens": [1000, 990, 1000], "served": [2.0, 2.2, 2.1], "stock": [2.5, 2.0, 3.0],
+           "engine": [1.8, 2.0, 1.9], "torch": [2.5, 2.4, 2.6]}
+    v = summarize(rec, SHAPE, peak=100.0)
+    assert v["stock_s"]["median"] == 2.5
+    # Per repeat (2.0/2.5, 2.2/2.0, 2.1/3.0), then the median: not 2.1/2.5 = 0.84, the ratio of the medians.
+    assert v["served_vs_stock"]["median"] == pytest.approx(0.8)
+    assert (v["served_vs_stock"]["min"], v["served_vs_stock"]["max"]) == (pytest.approx(0.7), pytest.approx(1.1))
+    prompts = fake_prompts()
+    prompts["models"]["m"]["lengths"]["1000"] = v
+    prompts["models"]["m"]["stock_twin"] = {"name": "m:fastchat", "worker": "fastchat", "threads": 2}
+    prompts["models"]["x"] = {"stock_twin": {"name": "x:fastchat", "error": "RuntimeError: not registered"},
+                              "lengths": {"1000": summarize(dict(rec, stock=[]), SHAPE, peak=100.0)}}
+    fields = report_json([], {}, None, {}, prompts)
+    json.dumps(fields)
+    assert fields["served_vs_stock_ratio"]["m"]["1000"]["median"] == pytest.approx(0.8)
+    assert fields["served_vs_stock_ratio"]["x"]["1000"] is None  # no twin: no ratio
+    assert fields["long_prompts"]["models"]["m"]["lengths"]["1000"]["stock_s"]["median"] == 2.5
+    text = "\n".join(long_prompt_lines(prompts))
+    assert "stock FastChat worker m:fastchat served TTFT 2.50 (2.00-3.00) s; served/stock x0.80 (0.70-1.10)" in text
+    assert "x: stock twin failed (RuntimeError: not registered)" in text and "x:fastchat served TTFT" not in text
