@@ -73,6 +73,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-long-prompts", action="store_true",
                    help="skip the long prompts (bench/prompts.py: TTFT of ~1,000- and ~4,000-token prompts served, "
                         "on the engine and on plain PyTorch, against the matmul peak; quick: 1,000 only)")
+    p.add_argument("--no-stock-twin", action="store_true",
+                   help="in the long prompts, skip the stock twin: each default-worker model also served by "
+                        "FastChat's stock worker (<model>:fastchat, same checkpoint, dtype and threads) in the same "
+                        "stack for that part only, its TTFT beside the default's (served/stock)")
     return p.parse_args(argv)
 
 

@@ -1,21 +1,27 @@
 """Long prompts: how long a user waits for the first token of a ~1,000- and a ~4,000-token prompt, against plain
-PyTorch on the same model and against the machine's matmul peak.
+PyTorch on the same model, against FastChat's stock worker in the same stack and against the machine's matmul peak.
 
 Why: a prompt pass is compute-bound (every prompt token is a row of every matmul), so it is where a CPU server is
-slowest, and a chat's first long message (a pasted file, a document) is what a user waits for. Three figures per
+slowest, and a chat's first long message (a pasted file, a document) is what a user waits for. Four figures per
 model and length, measured side by side in every repeat (the order reversed every other repeat, so a steady
 drift of the machine cancels):
 
 - served: time to the first content chunk of a streaming request through the OpenAI API (the default worker);
+- stock: the same request, through the same API server and controller, to the model's stock twin: FastChat's
+  own model worker on the same checkpoint, dtype and threads, named `<model>:fastchat` (StockTwin);
 - engine: the worker's own prompt pass (engine.prefill.prefill) on a model loaded and put on the kernels as the
   worker does it, in a child process: the served figure less this one is what the API and the worker add;
 - torch: plain transformers (`from_pretrained` in the served dtype, no project code) `model(ids, logits_to_keep=1)`,
   in another child process.
 
-Both children get the worker's thread settings (launch.services.worker_env) and sit idle while the others run,
-so nothing computes at the same time. Every prompt is new text from its first word (a tag and random words), so
-no prefix cache can serve any of it. Prompt throughput is set against the fastest matmul measured here at the
-same thread count (a large torch.matmul and the same shape on the project's linear kernel), in a third child.
+The children and the stock twin get the default worker's thread settings (launch.services.worker_env) and sit
+idle while the others run, so nothing computes at the same time. The twin is started for this part only and is
+no entry of the stack's config: a stock worker there would end the stack's core sharing (ArenaConfig.shares_cores),
+and every default worker would get a static share of the cores and passive OpenMP waiting instead, for every
+figure of the bench. Every prompt is new text from its first word (a tag and random words), so no prefix cache
+can serve any of it; the served default and its twin get the same text (two processes: neither sees the other's
+keys). Prompt throughput is set against the fastest matmul measured here at the same thread count (a large
+torch.matmul and the same shape on the project's linear kernel), in a third child.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ WARM_TOKENS = 256  # each path's first pass of a prompt this long: first-call co
 PEAK_SHAPE = (2048, 2048, 2048)  # rows x inner x outputs: large enough to run at the units' speed
 PEAK_REPEATS = 8
 MARK = "@@prompts "  # the children's answers on stdout; loaders may print other lines there
+# The stock twin's model name is the model's and this (a config name allows letters, digits and ._:- only).
+STOCK_SUFFIX = ":fastchat"
 
 # Plain words, so that the prompt tokenizes like prose (about one token a word) in any of the models' vocabularies.
 WORDS = (
@@ -60,16 +68,19 @@ WORDS = (
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """Which prompt lengths the bench measures and how often (--quick, --repeats, --no-long-prompts)."""
+    """Which prompt lengths the bench measures, how often, and whether beside each default worker its stock
+    twin (--quick, --repeats, --no-long-prompts, --no-stock-twin)."""
 
     lengths: tuple[int, ...]
     repeats: int
+    stock_twin: bool = True
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> PromptPlan:
         if getattr(args, "no_long_prompts", False):
-            return cls((), 0)
-        return cls(QUICK_LENGTHS if args.quick else LENGTHS, args.repeats or (1 if args.quick else 3))
+            return cls((), 0, False)
+        return cls(QUICK_LENGTHS if args.quick else LENGTHS, args.repeats or (1 if args.quick else 3),
+                   not getattr(args, "no_stock_twin", False))
 
 
 def prompt_text(tag: str, words: int) -> str:
@@ -347,6 +358,99 @@ def measure_peak(dtype: str, threads: int) -> dict:
     raise RuntimeError(f"the matmul peak process failed (exit {r.returncode}): {r.stderr[-2000:]}")
 
 
+# ---- the stock twin: FastChat's own worker on the same model, in the same stack ----
+
+def twin_name(name: str) -> str:
+    return name + STOCK_SUFFIX
+
+
+def twin_config(stack_cfg, name: str, folder: Path, port: int) -> Path:
+    """A config of one entry in `folder`: `name`'s stock twin, FastChat's stock worker (worker = "fastchat") on
+    the same checkpoint with the entry's own settings (dtype, template, remote code, queue, stream interval), its
+    threads pinned to the count the stack gives `name`'s worker, on `port`. [server] is the stack's (its
+    controller, its run folder), so the twin registers in the same stack; no API keys, which a worker never
+    reads. Paths are absolute: the file lives elsewhere."""
+    from launch.config import write_config
+
+    m = stack_cfg.model(name)
+    server = dict(stack_cfg.server.model_dump(exclude_none=True, exclude={"api_keys"}),
+                  run_dir=str(stack_cfg.run_dir()))
+    entry = dict(m.model_dump(exclude_none=True), name=twin_name(name), path=str(stack_cfg.model_path(m)),
+                 worker="fastchat", threads=stack_cfg.threads(m), port=port)
+    return write_config(folder / "stock-twin.toml", server, [entry])
+
+
+def stock_env(stack_cfg, twin_cfg, name: str) -> dict[str, str]:
+    """The twin's environment beside the services' (launch.services.base_env of its config): the default
+    worker's own thread settings (worker_env in the stack: thread counts, and OpenMP's wait policy where the
+    stack sets one), not those of a one-entry config, and its own entry's name for the adapters."""
+    from launch.services import base_env, worker_env
+
+    root = str(Path(__file__).resolve().parent.parent)  # it runs from the run folder: keep this checkout importable
+    return {**base_env(twin_cfg), **worker_env(stack_cfg, stack_cfg.model(name)),
+            "CPU_ARENA_MODEL": twin_name(name),
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+class StockTwin:
+    """`name`'s stock twin (twin_config) as a worker of the running stack, for the long prompts only: started
+    here (its log in the stack's logs folder), registered with the stack's controller, so the stack's API
+    server routes `<name>:fastchat` to it; stopped and unregistered by close(). Without the lease of the
+    stack's cores (engine/host/cores.py), which a stock worker does not take: it computes only while the
+    others wait for their turn, since the bench's requests are one at a time. Refused before it starts when
+    its weights and a worker's overhead (launch.memory_check) exceed the memory available."""
+
+    def __init__(self, stack_cfg, name: str):
+        from launch.config import load_config
+        from launch.memory_check import available_memory, model_need
+        from launch.ports import free_port
+        from launch.services import worker_spec
+        from launch.state import log_path
+
+        self.name = twin_name(name)
+        self.proc = None
+        self.folder = tempfile.TemporaryDirectory(prefix="cpu-arena-stock-twin-")
+        self.cfg = load_config(twin_config(stack_cfg, name, Path(self.folder.name), free_port()))
+        self.controller = stack_cfg.controller_url()
+        self.spec = worker_spec(self.cfg, self.cfg.model(self.name))
+        need, avail = model_need(self.cfg, self.cfg.model(self.name)).need_bytes, available_memory()
+        if need > avail.bytes:
+            self.folder.cleanup()
+            raise RuntimeError(f"{self.name} needs {need / 1e9:.1f} GB, {avail.bytes / 1e9:.1f} GB available "
+                               f"({avail.source}): not started")
+        run_dir = stack_cfg.run_dir()
+        self.log = log_path(run_dir, self.spec.name)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.env = stock_env(stack_cfg, self.cfg, name)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.spec.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env}, cwd=run_dir,
+                                         start_new_session=True)  # its own group: stopped with what it starts
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the stack's controller lists the twin; raises when it ends or the time is up."""
+        from launch import probes
+
+        deadline = time.monotonic() + timeout
+        while self.name not in probes.controller_models(self.controller):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-2000:]
+                what = f"ended (exit {self.proc.returncode})" if self.proc.poll() is not None else "not registered"
+                raise RuntimeError(f"the stock twin {self.name} {what}; its log {self.log}: {tail}")
+            time.sleep(1.0)
+
+    def close(self) -> None:
+        from launch.fastchat_patches.api_guard.controller_client import remove_worker
+        from launch.state import terminate
+
+        if self.proc is not None:
+            terminate(self.proc.pid)  # our own child's process group, by its id
+            self.proc.wait()
+            # Else the controller would list it until its heartbeat expires.
+            remove_worker(self.controller, self.spec.worker_url)
+        self.folder.cleanup()
+
+
 # ---- the bench's part ----
 
 def renderer(model_path: str, tokenizer) -> Callable[[str], list[int]]:
@@ -371,7 +475,8 @@ def _served_ttft(api: str, name: str, text: str, headers: dict) -> float:
 
 def measure_model(stack_cfg, name: str, tokenizer, plan: PromptPlan, api: str, headers: dict, peak: float | None,
                   salt: str, progress: Callable[[str], None] = print) -> dict:
-    """One model's long-prompt figures (summarize), every path side by side in each repeat."""
+    """One model's long-prompt figures (summarize), every path side by side in each repeat; beside a default
+    worker (unless the plan says not) its stock twin, whose failure is reported and leaves the rest measured."""
     from fastchat.utils import get_context_length
     from transformers import AutoConfig
 
@@ -387,7 +492,9 @@ def measure_model(stack_cfg, name: str, tokenizer, plan: PromptPlan, api: str, h
     out: dict = {"dtype": dtype, "threads": threads, "context_len": context, "worker": m.worker,
                  "matmul_peak_used_gflops": peak, "lengths": {}}
     children: dict[str, PassChild] = {}
+    twin = None
     try:
+        twin = _start_twin(stack_cfg, name, plan, out, progress)
         progress(f"[{name}] long prompts: loading plain PyTorch and the engine in child processes ...")
         children["torch"] = PassChild("torch", path, dtype, threads, env, trust_remote_code=m.trust_remote_code)
         if m.worker == "batching":  # the stock FastChat worker has no engine prompt pass to set apart
@@ -395,15 +502,20 @@ def measure_model(stack_cfg, name: str, tokenizer, plan: PromptPlan, api: str, h
                                            trust_remote_code=m.trust_remote_code)
         shape = children["torch"].shape
         out["shape"] = asdict(shape)
-        _served_ttft(api, name, build_prompt(render, WARM_TOKENS, f"{salt}-{name}-warm")[0], headers)
+        warm = build_prompt(render, WARM_TOKENS, f"{salt}-{name}-warm")[0]
+        _served_ttft(api, name, warm, headers)
+        if twin is not None and not _twin_ready(twin, stack_cfg, api, warm, headers, out, progress):
+            twin = None  # closed; the other paths go on
         for target in plan.lengths:
             n = fitting_length(target, context)
-            rec: dict = {"tokens": [], "served": [], "engine": [], "torch": []}
+            rec: dict = {"tokens": [], **{k: [] for k in PATHS}}
             for r in range(plan.repeats):
                 progress(f"[{name}] {n}-token prompt, repeat {r + 1}/{plan.repeats} ...")
                 text, ids = build_prompt(render, n, f"{salt}-{name}-{target}-{r}")
                 rec["tokens"].append(len(ids))
                 steps = [("served", lambda text=text: _served_ttft(api, name, text, headers))]
+                if twin is not None:  # the same text: another process, which never saw the default's keys
+                    steps.append(("stock", lambda text=text: _served_ttft(api, twin.name, text, headers)))
                 steps += [(k, lambda c=c, ids=ids: c(ids)) for k, c in children.items()]
                 for key, step in (steps if r % 2 == 0 else steps[::-1]):
                     rec[key].append(step())
@@ -415,7 +527,45 @@ def measure_model(stack_cfg, name: str, tokenizer, plan: PromptPlan, api: str, h
     finally:
         for c in children.values():
             c.close()
+        if twin is not None:
+            twin.close()
     return out
+
+
+def _start_twin(stack_cfg, name: str, plan: PromptPlan, out: dict, progress: Callable[[str], None]) -> StockTwin | None:
+    """`name`'s stock twin, starting (it loads while the children do), or None with the reason in
+    out["stock_twin"]."""
+    m = stack_cfg.model(name)
+    if not plan.stock_twin:
+        out["stock_twin"] = {"skipped": "--no-stock-twin"}
+    elif m.worker != "batching":
+        out["stock_twin"] = {"skipped": f"{name} is served by the {m.worker} worker itself"}
+    else:
+        progress(f"[{name}] long prompts: starting FastChat's stock worker beside it ({twin_name(name)}) ...")
+        try:
+            twin = StockTwin(stack_cfg, name)
+        except (RuntimeError, OSError, ValueError) as e:
+            out["stock_twin"] = {"name": twin_name(name), "error": f"{type(e).__name__}: {e}"}
+            progress(f"[{name}] stock twin not started: {out['stock_twin']['error']}")
+            return None
+        threads = {k: v for k, v in twin.env.items() if k.endswith(("_NUM_THREADS", "_WAIT_POLICY"))}
+        out["stock_twin"] = {"name": twin.name, "worker": "fastchat", "threads": stack_cfg.threads(m), "env": threads}
+        return twin
+    return None
+
+
+def _twin_ready(twin: StockTwin, stack_cfg, api: str, warm: str, headers: dict, out: dict,
+                progress: Callable[[str], None]) -> bool:
+    """Wait for the twin's registration and warm it as the default was; on failure close it and say why."""
+    try:
+        twin.wait_ready(stack_cfg.server.startup_timeout)
+        _served_ttft(api, twin.name, warm, headers)
+        return True
+    except Exception as e:  # reported; the default, engine and torch figures go on
+        out["stock_twin"]["error"] = f"{type(e).__name__}: {e}"
+        progress(f"[{twin.name}] stock twin failed: {out['stock_twin']['error'][:300]}")
+        twin.close()
+        return False
 
 
 def measure(stack_cfg, names: list[str], plan: PromptPlan, api: str, headers: dict, tokenizers: dict,

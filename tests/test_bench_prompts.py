@@ -148,6 +148,97 @@ def test_json_fields_and_table_block():
     assert long_prompt_lines(None) == []
 
 
+# ---- the stock twin: FastChat's stock worker beside each default worker, in the same stack ----
+
+def bench_stack(tmp_path):
+    from bench.cli import _bench_config
+    from launch.config import load_config
+
+    cfg = load_config()
+    names = [m.name for m in cfg.models]
+    return cfg, names, load_config(_bench_config(cfg, names, None, tmp_path / "run"))
+
+
+def test_plan_runs_the_stock_twin_unless_told_not():
+    assert PromptPlan.of(parse_args([])).stock_twin
+    assert PromptPlan.of(parse_args(["--quick"])).stock_twin
+    assert not PromptPlan.of(parse_args(["--no-stock-twin"])).stock_twin
+    assert PromptPlan.of(parse_args(["--quick", "--no-stock-twin"])).lengths == (1000,)
+
+
+def test_stock_twin_config_serves_the_same_model_in_the_same_stack(tmp_path):
+    from bench.cli import selected_models
+    from bench.prompts import stock_env, twin_config, twin_name
+    from launch.config import load_config
+    from launch.services import worker_env, worker_spec
+
+    cfg, names, stack = bench_stack(tmp_path)
+    for name in names:
+        m = stack.model(name)
+        twin_cfg = load_config(twin_config(stack, name, tmp_path, 40123))
+        assert [t.name for t in twin_cfg.models] == [f"{name}:fastchat"] == [twin_name(name)]
+        twin = twin_cfg.model(twin_name(name))
+        assert twin.worker == "fastchat" and m.worker == "batching"
+        assert twin_cfg.model_path(twin) == stack.model_path(m)
+        assert (twin.dtype, twin.trust_remote_code, twin.stream_interval) == (m.dtype, m.trust_remote_code,
+                                                                              m.stream_interval)
+        # The same thread count as the default worker, pinned (a one-entry config's "auto" is every core too,
+        # but the stack's count is the one to match); registered with the stack's controller, from its run folder.
+        assert twin.threads == stack.threads(m)
+        assert twin_cfg.controller_url() == stack.controller_url() and twin_cfg.run_dir() == stack.run_dir()
+        spec = worker_spec(twin_cfg, twin)
+        assert "fastchat.serve.model_worker" in spec.argv and spec.port == 40123
+        assert spec.argv[spec.argv.index("--model-names") + 1] == twin.name
+        assert spec.argv[spec.argv.index("--controller-address") + 1] == stack.controller_url()
+        assert "--threads" not in spec.argv  # the stock worker's only thread setting is its environment:
+        env = stock_env(stack, twin_cfg, name)
+        default = worker_env(stack, m)
+        assert {k: v for k, v in env.items() if "THREADS" in k or "WAIT" in k} == \
+            {k: v for k, v in default.items() if "THREADS" in k or "WAIT" in k}
+        assert env["CPU_ARENA_MODEL"] == twin.name and env["CPU_ARENA_CONFIG"] == str(twin_cfg.source)
+    # The twins are in no config the other parts read: not the bench's stack, not the models they measure.
+    assert [m.name for m in stack.models] == names == selected_models(cfg, None)
+    assert all(m.worker == "batching" for m in stack.models) and stack.shares_cores()
+
+
+def test_a_stock_twin_in_the_stack_config_would_change_the_default_workers(tmp_path):
+    """Why the twin is started for the long prompts only: as an entry of the stack's config a stock worker ends
+    the core sharing, so every default worker would run on a static share of the cores (if this fails, the
+    launch code lets a stock worker in beside the lease, and the twin could be a config entry)."""
+    import tomllib
+
+    from bench.prompts import twin_name
+    from launch.config import load_config, write_config
+
+    _, names, stack = bench_stack(tmp_path)
+    raw = tomllib.loads(stack.source.read_text())
+    twins = [dict(m, name=twin_name(m["name"]), worker="fastchat", port=m["port"] + 1) for m in raw["models"]]
+    with_twins = load_config(write_config(tmp_path / "with-twins.toml", raw["server"], raw["models"] + twins))
+    assert stack.shares_cores() and not with_twins.shares_cores()
+    if len(names) > 1 or stack.threads(stack.models[0]) > 1:
+        assert [with_twins.threads(with_twins.model(n)) for n in names] != [stack.threads(stack.model(n)) for n in names]
+
+
+@pytest.mark.parametrize("argv, worker, reason", [(["--no-stock-twin"], "batching", "--no-stock-twin"),
+                                                   ([], "fastchat", "served by the fastchat worker itself")])
+def test_no_stock_twin_is_started_when_not_asked_or_not_needed(tmp_path, monkeypatch, argv, worker, reason):
+    from bench import prompts
+    from bench.cli import _bench_config
+    from launch.config import load_config
+
+    cfg = load_config()
+    stack = load_config(_bench_config(cfg, [cfg.models[0].name], None if worker == "batching" else worker,
+                                      tmp_path / "run"))
+
+    def never(*a, **k):
+        raise AssertionError("a stock twin was started")
+
+    monkeypatch.setattr(prompts, "StockTwin", never)
+    out: dict = {}
+    assert prompts._start_twin(stack, cfg.models[0].name, PromptPlan.of(parse_args(argv)), out, lambda line: None) is None
+    assert reason in out["stock_twin"]["skipped"]
+
+
 def test_served_vs_stock_is_paired_per_repeat_and_reported():
     rec = {"tokens": [1000, 990, 1000], "served": [2.0, 2.2, 2.1], "stock": [2.5, 2.0, 3.0],
            "engine": [1.8, 2.0, 1.9], "torch": [2.5, 2.4, 2.6]}
