@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
+from engine.host.hardware import cpu_model
 from launch.config import REPO_ROOT
+
+__all__ = ["cpu_model", "process_rss", "write_json"]
 
 
 def process_rss(pid: int | None) -> int | None:
@@ -19,24 +21,6 @@ def process_rss(pid: int | None) -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (what the figures were measured on), else /proc/cpuinfo's."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def write_json(args: argparse.Namespace, out: dict) -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.host.cores import CoreLease
-from engine.kernels.attention import PROMPT_QUERIES_MAX
+from engine.kernels import paths
 from engine.kv_cache import GrowingCache
 from engine.model_inputs import takes_ready_mask
 from engine.params import GenParams, choose_token, greedy_tokens
@@ -196,16 +196,17 @@ class BatchEngine(EngineThread):
 
     def _next_group(self) -> list[Request]:
         """The waiting requests to prefill together: FIFO, up to the free rows, while padding the
-        shorter prompts to the longest wastes little (at most PAD_WASTE of the padded tokens). A prompt
-        longer than attention.PROMPT_QUERIES_MAX is prefilled alone: its attention runs on torch's
-        SDPA, which sums differently padded than alone (attention.py)."""
+        shorter prompts to the longest wastes little (at most PAD_WASTE of the padded tokens). A prompt of
+        paths.alone_from tokens or more is prefilled alone: it runs on PyTorch's matmul or SDPA, which compute
+        a row differently beside others than alone (engine/kernels/paths.py)."""
         free = self.max_batch - len(self.rows)
         group = [self.waiting[0]]
-        if len(group[0].prompt_ids) > PROMPT_QUERIES_MAX:
+        alone_from = paths.current().alone_from
+        if len(group[0].prompt_ids) >= alone_from:
             return group
         n = group[0].prefix.tokens if self._kept_prefix(group[0]) else 0
         for req in self.waiting[1:free]:
-            if len(req.prompt_ids) > PROMPT_QUERIES_MAX or not self._starts_alike(group[0], req):
+            if len(req.prompt_ids) >= alone_from or not self._starts_alike(group[0], req):
                 break
             lengths = [len(r.prompt_ids) - n for r in (*group, req)]
             padded = max(lengths) * len(lengths)
@@ -338,11 +339,11 @@ class BatchEngine(EngineThread):
 
     def _kept_prefix(self, req: Request) -> bool:
         """Whether the prompt begins with kept keys and values (then it is prefilled from them, with the prompts
-        that begin with the same ones). Prompts longer than attention.PROMPT_QUERIES_MAX never do: prefilled
-        whole, their attention runs on torch's SDPA, which a prompt started from kept keys would not match."""
+        that begin with the same ones). Prompts of paths.alone_from tokens or more never do: prefilled whole,
+        they run on PyTorch's matmul or SDPA, which a prompt started from kept keys would not match."""
         if not req.looked_up:
             req.looked_up = True
-            if self.prefix_cache is not None and len(req.prompt_ids) <= PROMPT_QUERIES_MAX:
+            if self.prefix_cache is not None and len(req.prompt_ids) < paths.current().alone_from:
                 req.prefix = self.prefix_cache.lookup(req.prompt_ids)
         return req.prefix is not None
 
@@ -363,8 +364,11 @@ class BatchEngine(EngineThread):
         kept = set(keep)
         layers = self.cache.to_legacy_cache()
         width = layers[0][0].shape[-2]
+        alone_from = paths.current().alone_from
         for i, row in enumerate(self.rows):
-            if i not in kept:
+            # Not the keys of a prompt prefilled on PyTorch (paths.alone_from or longer): a shorter prompt that
+            # begins like it and started from them would not get its own whole prefill's result.
+            if i not in kept and len(row.req.prompt_ids) < alone_from:
                 tokens = (row.req.prompt_ids + row.req.output_ids)[:row.length]
                 store.put(tokens, row_layers(layers, i, width - row.length, width))
 

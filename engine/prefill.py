@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from engine.kernels import paths
+
 # A common beginning shorter than this is prefilled with the rest: a second pass costs a few ms of
 # per-layer overhead, which a handful of shared tokens does not pay for.
 SHARED_PREFIX_MIN = 16
@@ -53,6 +55,14 @@ def prefill(model, prompts: list[list[int]], pad: int, *, share: bool) -> tuple[
     shared = shared_prefix_len(prompts) if share and len(prompts) > 1 else 0
     if shared >= SHARED_PREFIX_MIN:
         return _prefill_shared(model, prompts, shared, pad)
+    if len(prompts) == 1 and len(prompts[0]) >= paths.current().alone_from:
+        # A whole prompt alone, as the batching engine sends those (paths.py): its linears may take PyTorch's matmul.
+        with paths.lone_prompt(len(prompts[0])):
+            return _prefill_whole(model, prompts, pad)
+    return _prefill_whole(model, prompts, pad)
+
+
+def _prefill_whole(model, prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, tuple]:
     # Only the last position's logits are needed: skips a [prompt x vocab] matmul.
     out = model(**prefill_inputs(prompts, pad), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1, :], legacy(out.past_key_values)

@@ -19,6 +19,10 @@ MAX_QUEUE = 16
 MAX_BATCH = 8
 # Linear layers on the AVX2 kernel or oneDNN prepacked weights (`--prepack`, engine/kernels/linear.py).
 PREPACK_WEIGHTS = True
+# Which implementation each kind of call runs on (`--paths`, engine/kernels/paths.py): "measure" times the
+# candidates on the model's shapes at worker start (cached per machine), "kernels" keeps everything on the
+# project's kernels, or a fixed choice such as "decode=kernel,prompt_torch_from=256,attention_torch_from=1024".
+PATHS = "measure"
 # MB of finished requests' keys and values kept for prompts that begin like them (`--prefix-cache-mb`).
 PREFIX_CACHE_MB = 256
 # A request's text goes out at its first token, then every STREAM_INTERVAL tokens (and at its end): FastChat's

@@ -33,13 +33,16 @@ from engine import kernels
 from engine.batching import Chunk
 from engine.host.cores import CoreLease
 from engine.host.hugepages import collapse_model, release_checkpoint_files
+from engine.kernels import paths
 from engine.kernels.linear import batch_rows_limit, linear_backend
+from engine.kernels.path_choice import choose_paths
 from engine.params import GenParams
 from engine.prefix_cache import PrefixCache
 from engine.prefix_cache import usable as prefix_cache_usable
 from engine.protocol import (
     MAX_BATCH,
     MAX_QUEUE,
+    PATHS,
     PREFIX_CACHE_MB,
     PREPACK_WEIGHTS,
     STREAM_INTERVAL,
@@ -88,7 +91,10 @@ def _base_worker_class():
                 )
                 model.eval()
                 if args.prepack:
-                    print(f"batching worker: {kernels.install(model)} linear layers on "
+                    chosen = paths.parse(args.paths)
+                    if chosen == paths.MEASURE:
+                        chosen = choose_paths(model, say=lambda line: print(f"batching worker: {line}", flush=True))
+                    print(f"batching worker: {kernels.install(model, chosen)} linear layers on "
                           f"{linear_backend(model.dtype)}", flush=True)
                     huge, why = collapse_model(model)
                     print(f"batching worker: {huge / 1e9:.2f} GB of weights on 2 MB pages"
@@ -295,6 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=PREPACK_WEIGHTS,
                    help="put the model on the kernels: linear layers on the project's C kernels or oneDNN packed "
                         "weights, and where the C kernels serve them, attention and fused ops (engine/kernels/)")
+    p.add_argument("--paths", type=_paths, default=PATHS,
+                   help="which implementation runs decode steps, prompt passes and attention (engine/kernels/paths.py): "
+                        "'measure' (time them here at start, cached), 'kernels', or "
+                        "'decode=kernel,prompt_torch_from=N,attention_torch_from=N'")
     p.add_argument("--prefix-cache-mb", type=_non_negative, default=PREFIX_CACHE_MB,
                    help="MB of finished requests' keys and values kept for prompts that begin like them, 0 = off")
     p.add_argument("--threads", type=_positive, default=None,
@@ -317,6 +327,14 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text}: give a whole number, 1 or more")
     return n
+
+
+def _paths(text: str) -> str:
+    try:
+        paths.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _non_negative(text: str) -> int:

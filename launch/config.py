@@ -104,6 +104,10 @@ class ModelConfig(_Strict):
     max_batch: int = Field(protocol.MAX_BATCH, ge=1)
     # Batching worker: linear layers on the AVX2 kernel or oneDNN prepacked weights (engine/kernels/linear.py).
     prepack_weights: bool = protocol.PREPACK_WEIGHTS
+    # Batching worker: which implementation runs decode steps, prompt passes and attention (engine/kernels/paths.py):
+    # "measure" (the fastest here, timed at worker start and cached), "kernels", or a fixed
+    # "decode=kernel,prompt_torch_from=256,attention_torch_from=1024".
+    paths: str = protocol.PATHS
     # Batching worker: MB of finished requests' keys and values kept, so that a prompt beginning like one of them
     # (the next turn of a chat, a common system prompt) starts from them; 0 = off (engine/prefix_cache.py).
     prefix_cache_mb: int = Field(protocol.PREFIX_CACHE_MB, ge=0)
@@ -114,6 +118,14 @@ class ModelConfig(_Strict):
     # ModelScope id for `make download`, e.g. "ZhipuAI/chatglm3-6b".
     modelscope_id: str | None = None
     modelscope_revision: str | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _paths_ok(cls, v: str) -> str:
+        from engine.kernels.paths import parse
+
+        parse(v)  # raises ValueError naming what to write instead
+        return v
 
     @field_validator("dtype")
     @classmethod

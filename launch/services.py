@@ -105,6 +105,7 @@ def worker_args(cfg: ArenaConfig, model: ModelConfig) -> list[str]:
             "--threads", str(cfg.threads(model)),
             "--max-batch", str(model.max_batch),
             "--prepack" if model.prepack_weights else "--no-prepack",
+            "--paths", model.paths,
             "--prefix-cache-mb", str(model.prefix_cache_mb),
         ]
         if cfg.shares_cores():

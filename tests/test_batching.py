@@ -472,21 +472,3 @@ def test_masked_batches_hand_grouped_key_heads_to_the_kernel_without_copying_the
     finally:
         kernels.uninstall()
     assert sdpa_attention.use_gqa_in_sdpa is stock
-
-
-def test_a_prompt_too_long_for_the_attention_kernel_is_prefilled_alone():
-    from engine.batching import BatchEngine, Request
-    from engine.kernels.attention import PROMPT_QUERIES_MAX
-    from engine.params import GenParams
-
-    eng = BatchEngine.__new__(BatchEngine)  # only the grouping rule: no model, no thread
-    eng.max_batch, eng.rows, eng.prefix_cache = 8, [], None
-
-    def req(n):
-        return Request(params=GenParams(prompt=""), prompt_ids=[1] * n, sink=lambda c: None)
-
-    long, short = req(PROMPT_QUERIES_MAX + 1), [req(PROMPT_QUERIES_MAX - 2), req(PROMPT_QUERIES_MAX)]
-    eng.waiting = [long, *short]
-    assert eng._next_group() == [long]
-    eng.waiting = [*short, long]
-    assert eng._next_group() == short

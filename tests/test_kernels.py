@@ -40,7 +40,8 @@ def backend(request, monkeypatch, runs):
 
     chosen = dataclasses.replace(request.param, run=run)
     monkeypatch.setattr(kernels, "choose_backend",
-                        lambda dtype: (chosen, "") if dtype == torch.float32 else choose_backend(dtype))
+                        lambda dtype, decode="kernel": (chosen, "") if dtype == torch.float32
+                        else choose_backend(dtype, decode))
     return chosen
 
 

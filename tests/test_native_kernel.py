@@ -379,12 +379,12 @@ def test_a_left_padded_row_attends_exactly_like_the_unpadded_one(patched_sdpa, d
 @pytest.mark.parametrize("case", ["long-prompt", "causal-and-mask", "fp16", "dropout", "no-gqa-flag",
                                   "bf16-mask-on-fp32"])
 def test_everything_else_goes_to_torchs_sdpa_unchanged(patched_sdpa, case):
-    from engine.kernels import attention
+    from engine.kernels import paths
 
     q, k, v = _qkv(1, 4, 2 if case == "no-gqa-flag" else 4, 5, 16)
     kw = {}
-    if case == "long-prompt":
-        n = attention.PROMPT_QUERIES_MAX + 1
+    if case == "long-prompt":  # as long as the process's paths send to torch's SDPA
+        n = paths.current().attention_torch_from
         q, k, v = (torch.randn(1, 4, n, 16).to(torch.bfloat16) for _ in range(3))
         kw["is_causal"] = True
     elif case == "causal-and-mask":

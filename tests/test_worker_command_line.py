@@ -29,6 +29,7 @@ ON_ARGV = {
     "max_batch": (3, "max_batch", 3),
     "prepack_weights": (False, "prepack", False),
     "prefix_cache_mb": (7, "prefix_cache_mb", 7),
+    "paths": ("decode=kernel,prompt_torch_from=512", "paths", "decode=kernel,prompt_torch_from=512"),
     "stream_interval": (5, "stream_interval", 5),
     "conv_template": ("chatml", "conv_template", "chatml"),
 }
@@ -99,6 +100,7 @@ def test_each_setting_of_the_config_is_on_the_command_line_and_read_from_there(t
     assert base["limit_worker_concurrency"] == defaults["max_queue"]
     assert base["max_batch"] == defaults["max_batch"] and base["prepack"] == defaults["prepack_weights"]
     assert base["prefix_cache_mb"] == defaults["prefix_cache_mb"]
+    assert base["paths"] == defaults["paths"] == "measure"
     assert base["stream_interval"] == defaults["stream_interval"]
 
 
@@ -108,9 +110,9 @@ def test_the_workers_own_defaults_are_the_configs():
     args = parse_args(["--model-path", "m"])
     fields = ModelConfig.model_fields
     assert (args.limit_worker_concurrency, args.max_batch, args.prepack, args.prefix_cache_mb,
-            args.stream_interval) == (fields["max_queue"].default, fields["max_batch"].default,
-                                      fields["prepack_weights"].default, fields["prefix_cache_mb"].default,
-                                      fields["stream_interval"].default)
+            args.stream_interval, args.paths) == (fields["max_queue"].default, fields["max_batch"].default,
+                                                  fields["prepack_weights"].default, fields["prefix_cache_mb"].default,
+                                                  fields["stream_interval"].default, fields["paths"].default)
     assert args.stream_interval == 2  # FastChat's worker's default
     assert args.threads is None and args.core_lease is None  # torch's own thread count, no lease
 

@@ -4,8 +4,8 @@ Why behind `torch.nn.functional.scaled_dot_product_attention`: every model this 
 reaches attention through it: transformers' native models (sdpa_attention_forward), Qwen-7B-Chat's
 remote code (QWenAttention._attn) and ChatGLM3's (CoreAttention). Wrapping that one function
 covers all three without touching their code. Only the cases the kernel computes like SDPA are taken
-(CPU, bf16 or fp32, no dropout, a 4D mask or none, is_causal without a mask, up to PROMPT_QUERIES_MAX
-queries); every other call goes to the original function unchanged.
+(CPU, bf16 or fp32, no dropout, a 4D mask or none, is_causal without a mask, fewer queries than the process's
+paths.attention_torch_from); every other call goes to the original function unchanged.
 
 Why the kernel: a query's attention comes out the same whether its prompt is prefilled alone, left-padded
 in a group, or after a common beginning computed once, and whether its row is decoded alone or padded in
@@ -26,13 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import paths
+
 MAX_HEAD_DIM = 256  # the kernel keeps one head's query and sums on its stack
-# Prompt passes of more queries than this stay on torch's flash attention, which is faster there (SmolLM2-135M
-# bf16, prefill of one prompt, kernel against flash: 600 tokens 0.48 against 0.52 s, 1000 tokens 0.93 against
-# 0.94 s, 2000 tokens 2.55 against 2.32 s). The batching worker prefills such prompts alone and never from a
-# prefix cache (engine._next_group), so a prompt is prefilled on the same attention whether it came alone or
-# with others.
-PROMPT_QUERIES_MAX = 1024
 
 _original = F.scaled_dot_product_attention
 
@@ -97,7 +93,10 @@ def _fits(q, k, v, mask, dropout_p, is_causal, enable_gqa) -> bool:
         return False
     if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float32) and q.device.type == "cpu"):
         return False
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not 0 < q.shape[2] <= PROMPT_QUERIES_MAX:
+    # Prompt passes of paths.attention_torch_from queries or more go to torch's SDPA where it is measured faster
+    # (path_choice.py); the batching worker prefills such prompts alone and whole (paths.py), so a prompt gets the
+    # same attention whether it came alone or with others.
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] == 0 or paths.attention_on_torch(q.shape[2]):
         return False
     B, H, Q, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]

@@ -33,6 +33,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
+from engine.kernels import paths
 from engine.kernels.linear import KernelLinear, SharedInputLinear
 from engine.kernels.native import pack_avx512bf16
 
@@ -202,6 +203,12 @@ class FusedDecoderLayer(nn.Module):
                 and _gate_up(mlp) is not None and mlp.gate_proj.out_features % 8 == 0)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if paths.linears_on_torch():
+            # A lone prompt pass on PyTorch's matmul (paths.py): the layer's own composition, each projection a
+            # KernelLinear that takes F.linear there.
+            attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+            h = hidden_states + self.o_proj(attn)
+            return h + self.mlp(self.post_attention_layernorm(h))
         if self._direct and hidden_states.numel() and hidden_states.dtype == torch.bfloat16 \
                 and _plain(hidden_states, self.input_layernorm.weight, self.post_attention_layernorm.weight) \
                 and "past_key_value" not in kwargs:  # (the deprecated name: the stock attention renames it)

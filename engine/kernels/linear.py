@@ -30,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.host.hugepages import give_back_freed_memory
-from engine.kernels.native import native_kernel, pack_avx512bf16
+from engine.kernels import paths
+from engine.kernels.native import native_kernel, pack_avx512bf16, unpack_avx512bf16
 
 log = logging.getLogger("batching")
 
@@ -41,12 +43,27 @@ log = logging.getLogger("batching")
 @dataclass(frozen=True)
 class LinearBackend:
     """How linears of one dtype are computed here: `run(x, operand, bias)` where operand is
-    `pack(weight)`; `copies` when that is a new tensor (the plain weight can go)."""
+    `pack(weight)`; `copies` when that is a new tensor (the plain weight can go). `unpack(operand, n_in)` gives
+    the plain weight back, for PyTorch's matmul on a prompt pass that runs there (engine/kernels/paths.py); None
+    where the backend is PyTorch's own already."""
 
     name: str
     pack: Callable[[torch.Tensor], torch.Tensor]
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     copies: bool
+    unpack: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+
+def compute(backend: LinearBackend, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias on the backend, or on PyTorch's matmul inside a lone prompt pass that paths.py sends
+    there (the weight unpacked for the call: the model keeps one copy, in the backend's layout)."""
+    if backend.unpack is not None and paths.linears_on_torch():
+        return F.linear(x, backend.unpack(operand, x.shape[-1]), bias)
+    return backend.run(x, operand, bias)
+
+
+def _plain_weight(weight: torch.Tensor, n_in: int) -> torch.Tensor:
+    return weight
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
@@ -71,13 +88,28 @@ def _kernel_backend(kernel, dtype: torch.dtype) -> LinearBackend:
         # Every weight is packed into a new tensor (native.pack_avx512bf16): a tied output projection gets a
         # copy of its own, as on oneDNN.
         return LinearBackend("the AVX512_BF16 kernel (linear_avx512bf16.c)", pack_avx512bf16, run_avx512,
-                             copies=True)
+                             copies=True, unpack=unpack_avx512bf16)
 
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = kernel(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    return LinearBackend("the AVX2 kernel (linear.c)", torch.Tensor.contiguous, run, copies=False)
+    return LinearBackend("the AVX2 kernel (linear.c)", torch.Tensor.contiguous, run, copies=False,
+                         unpack=_plain_weight)
+
+
+def torch_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's matmul one row at a time: a row's result is the one it gets alone, whatever the batch
+    (oneDNN's result for a row changes with the rows computed beside it, choose_backend)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.cat([F.linear(rows[i:i + 1], weight, bias) for i in range(rows.shape[0])])
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# Decode steps on PyTorch's matmul (paths.decode = "torch"), where measurement says it beats the kernel: each row
+# alone, and every prompt pass whole on F.linear (paths.Paths sends every prompt alone then).
+TORCH_ROWS = LinearBackend("PyTorch's matmul, one row at a time", torch.Tensor.contiguous, torch_rows,
+                           copies=False, unpack=_plain_weight)
 
 
 def can_prepack(dtype: torch.dtype) -> str | None:
@@ -93,8 +125,9 @@ def can_prepack(dtype: torch.dtype) -> str | None:
     return f"oneDNN linears are not used for {dtype}"
 
 
-def choose_backend(dtype: torch.dtype) -> tuple[LinearBackend | None, str]:
+def choose_backend(dtype: torch.dtype, decode: str = paths.KERNEL) -> tuple[LinearBackend | None, str]:
     """(the backend for linears of this dtype here, "") or (None, why they stay on PyTorch's kernels).
+    decode = paths.TORCH (measured faster for decode steps, engine/kernels/path_choice.py): TORCH_ROWS.
 
     The project's kernel first, for both dtypes: it computes every output the same way whatever the
     number of rows, which the batching worker's "batched equals single" rests on. oneDNN's bf16 matmul
@@ -105,6 +138,8 @@ def choose_backend(dtype: torch.dtype) -> tuple[LinearBackend | None, str]:
     """
     if dtype not in (torch.float32, torch.bfloat16):
         return None, f"no faster linears for {dtype}"
+    if decode == paths.TORCH:
+        return TORCH_ROWS, ""
     kernel, kernel_why = native_kernel()
     if kernel is not None:
         return _kernel_backend(kernel, dtype), ""
@@ -133,7 +168,7 @@ class KernelLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.run(x, self.packed if self.backend.copies else self.weight, self.bias)
+        return compute(self.backend, x, self.packed if self.backend.copies else self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend.name!r}"
@@ -163,7 +198,7 @@ class _SharedInput:
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if x is not self._input or self._left == 0:
-            y = self.backend.run(x, self.weight, self.bias)
+            y = compute(self.backend, x, self.weight, self.bias)
             self._input, self._outputs, self._left = x, y.split(self.sizes, dim=-1), len(self.sizes)
         out = self._outputs[index]
         self._left -= 1
@@ -235,7 +270,7 @@ def batch_rows_limit(dtype: torch.dtype) -> tuple[int | None, str]:
 
 def linear_backend(dtype: torch.dtype) -> str:
     """What prepack_linears puts a model of this dtype on, in words (worker log, bench JSON)."""
-    backend, why = choose_backend(dtype)
+    backend, why = choose_backend(dtype, paths.current().decode)
     return backend.name if backend else f"PyTorch's kernels ({why})"
 
 
@@ -244,7 +279,7 @@ def prepack_linears(model: nn.Module) -> int:
     `choose_backend` picks (projections of one input share one matmul); returns how many. Linears only:
     engine.kernels.install puts the attention and the fused ops on the kernels too, as the worker serves."""
     dtype = next(model.parameters()).dtype
-    backend, _ = choose_backend(dtype)
+    backend, _ = choose_backend(dtype, paths.current().decode)
     if backend is None:
         log.info("linears stay on %s", linear_backend(dtype))
         return 0

@@ -208,6 +208,18 @@ def pack_avx512bf16(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def unpack_avx512bf16(packed: torch.Tensor, n_in: int) -> torch.Tensor:
+    """The plain bf16 [n_out, n_in] weight that pack_avx512bf16 packed into `packed`: a new tensor, for PyTorch's
+    matmul on a prompt pass (engine/kernels/paths.py) while the model keeps only the packed copy."""
+    n_out, width = packed.shape
+    pairs = width // 2
+    whole = n_out // PACK_ROWS * PACK_ROWS
+    out = torch.empty(n_out, width, dtype=torch.bfloat16)
+    out[:whole].view(-1, PACK_ROWS, pairs, 2).copy_(packed[:whole].view(-1, pairs, PACK_ROWS, 2).transpose(1, 2))
+    out[whole:].view(n_out - whole, pairs, 2).copy_(packed[whole:].view(pairs, n_out - whole, 2).transpose(0, 1))
+    return out[:, :n_in] if n_in != width else out
+
+
 def _longs(values) -> ctypes.Array:
     return (ctypes.c_long * len(values))(*values)
 
