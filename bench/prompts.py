@@ -193,19 +193,15 @@ def cpu_units() -> list[str]:
 
 
 def prompt_path(dtype_name: str) -> dict:
-    """Where a served prompt pass of this dtype runs here: the linears' backend and the attention."""
+    """Where a served prompt pass of this dtype runs here: the linears' backend, and where attention and long
+    prompts go (each model's engine child reports its measured paths, engine/kernels/paths.py)."""
     import torch
 
-    from engine.kernels.attention import PROMPT_QUERIES_MAX
-    from engine.kernels.linear import ONEDNN, choose_backend, linear_backend
+    from engine.kernels.linear import linear_backend
 
     dtype = getattr(torch, dtype_name)
-    backend, _ = choose_backend(dtype)
-    on_kernel = backend is not None and backend is not ONEDNN
-    # engine.kernels.install routes attention to attention.c only beside the project's linear kernel.
-    attention = (f"attention.c up to {PROMPT_QUERIES_MAX} prompt tokens, torch's SDPA (flash) beyond"
-                 if on_kernel else "torch's SDPA")
-    return {"linear": linear_backend(dtype), "attention": attention}
+    return {"linear": linear_backend(dtype),
+            "attention": "the project's kernel or PyTorch's SDPA per prompt length, as each model's paths say"}
 
 
 # ---- children: each measures in a process of its own ----
@@ -273,6 +269,7 @@ def _pass_child(args: argparse.Namespace) -> None:
 
     _threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    chosen_paths = None
     if args.path_kind == "torch":
         from transformers import AutoModelForCausalLM
 
@@ -291,11 +288,20 @@ def _pass_child(args: argparse.Namespace) -> None:
         from launch.fastchat_entry import prepare_process
 
         prepare_process()  # the project's adapters, as in the worker
+        from engine.kernels import paths
+        from engine.kernels.path_choice import choose_paths
+
         model, _ = load_model(args.model_path, device="cpu", num_gpus=1, dtype=dtype)
         model.eval()
         shape = _shape_of(model)  # before the linears are replaced
         if args.prepack:
-            kernels.install(model)
+            # The worker's choice: measured here on the same machine, shape and source, it is read from the cache
+            # the worker wrote (engine/kernels/path_choice.py).
+            chosen = paths.parse(args.paths)
+            if chosen == paths.MEASURE:
+                chosen = choose_paths(model, say=lambda line: print(line, file=sys.stderr))
+            kernels.install(model, chosen)
+            chosen_paths = {**chosen.describe(), "spec": chosen.spec(), "figures": chosen.figures}
             collapse_model(model)
 
         def run(ids: list[int]) -> None:
@@ -303,7 +309,7 @@ def _pass_child(args: argparse.Namespace) -> None:
 
     with torch.inference_mode():
         run(list(range(100, 100 + WARM_TOKENS)))
-        _answer({"ready": True, "shape": asdict(shape)})
+        _answer({"ready": True, "shape": asdict(shape), "paths": chosen_paths})
         for line in sys.stdin:
             ids = json.loads(line)
             t = time.perf_counter()
@@ -315,15 +321,17 @@ class PassChild:
     """A child process that times prompt passes (_pass_child) on request; idle in between."""
 
     def __init__(self, kind: str, model_path: str, dtype: str, threads: int, env: dict[str, str], *,
-                 prepack: bool = True, trust_remote_code: bool = False):
+                 prepack: bool = True, trust_remote_code: bool = False, paths: str = "measure"):
         self.kind = kind
         self.err = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "bench.prompts", "pass", kind, "--model-path", model_path, "--dtype", dtype,
-               "--threads", str(threads)] + (["--prepack"] if prepack else []) \
+               "--threads", str(threads), "--paths", paths] + (["--prepack"] if prepack else []) \
             + (["--trust-remote-code"] if trust_remote_code else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      env={**os.environ, **env}, cwd=Path(__file__).resolve().parent.parent)
-        self.shape = ModelShape(**self._read()["shape"])
+        ready = self._read()
+        self.shape = ModelShape(**ready["shape"])
+        self.paths = ready.get("paths")  # the engine's chosen paths (engine/kernels/paths.py)
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -499,7 +507,8 @@ def measure_model(stack_cfg, name: str, tokenizer, plan: PromptPlan, api: str, h
         children["torch"] = PassChild("torch", path, dtype, threads, env, trust_remote_code=m.trust_remote_code)
         if m.worker == "batching":  # the stock FastChat worker has no engine prompt pass to set apart
             children["engine"] = PassChild("engine", path, dtype, threads, env, prepack=m.prepack_weights,
-                                           trust_remote_code=m.trust_remote_code)
+                                           trust_remote_code=m.trust_remote_code, paths=m.paths)
+            out["paths"] = children["engine"].paths
         shape = children["torch"].shape
         out["shape"] = asdict(shape)
         warm = build_prompt(render, WARM_TOKENS, f"{salt}-{name}-warm")[0]
@@ -603,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     ps.add_argument("path_kind", choices=("torch", "engine"))
     ps.add_argument("--model-path", required=True)
     ps.add_argument("--prepack", action="store_true")
+    ps.add_argument("--paths", default="measure")
     ps.add_argument("--trust-remote-code", action="store_true")
     for q in (pk, ps):
         q.add_argument("--dtype", required=True, choices=("bfloat16", "float32"))

@@ -197,6 +197,10 @@ def long_prompt_lines(prompts: dict | None) -> list[str]:
     for name, m in prompts["models"].items():
         if m.get("error"):
             lines.append(f"  {name}: failed ({m['error'][:200]})")
+        if m.get("paths"):
+            p = m["paths"]
+            lines.append(f"  {name} paths here: decode on {p['decode']}; prompt pass on {p['prompt']}; "
+                         f"attention on {p['attention']}")
         if (m.get("stock_twin") or {}).get("error"):
             lines.append(f"  {name}: stock twin failed ({m['stock_twin']['error'][:200]})")
         for k, v in m.get("lengths", {}).items():
