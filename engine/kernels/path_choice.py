@@ -16,11 +16,14 @@ shape, a fraction of a second on the small models. A PyTorch candidate must beat
 chosen: a switch that wins by noise is not worth its grouping and prefix-cache losses (paths.py).
 
 Cached per machine (CPU model, flags, threads), model shape, dtype and source (engine/kernels/ and torch's
-version): a worker restarted on the same machine reads the choice back instead of measuring again.
+version): a worker restarted on the same machine reads the choice back instead of measuring again. Workers of
+one machine measure one at a time (a file lock), so none times another's load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -65,17 +68,33 @@ def choose_paths(model: nn.Module, *, use_cache: bool = True, say: Callable[[str
         return paths.KERNELS
     key, signature = cache_key(dtype, layer, attn)
     file = paths_cache_dir() / f"{key}.json"
-    chosen = _read(file) if use_cache else None
     source = f"measured before on this machine ({file})"
-    if chosen is None:
-        chosen = measure(kernel, backend, dtype, layer, attn)
-        source = "measured now"
-        if use_cache:
-            _write(file, chosen, signature)
+    with _one_at_a_time():
+        chosen = _read(file) if use_cache else None
+        if chosen is None:
+            chosen = measure(kernel, backend, dtype, layer, attn)
+            source = "measured now"
+            if use_cache:
+                _write(file, chosen, signature)
     for line in explain(chosen):
         say(f"paths: {line}")
     say(f"paths: {source}")
     return chosen
+
+
+@contextlib.contextmanager
+def _one_at_a_time():
+    """Hold the machine's measuring lock: the workers of a stack start together, and two measuring at once on
+    the same cores would each time the other's load. The second waits, then finds the first's result cached
+    when its model has the same shape."""
+    folder = paths_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "measuring.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def paths_cache_dir() -> Path:
