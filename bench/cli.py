@@ -73,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-long-prompts", action="store_true",
                    help="skip the long prompts (bench/prompts.py: TTFT of ~1,000- and ~4,000-token prompts served, "
                         "on the engine and on plain PyTorch, against the matmul peak; quick: 1,000 only)")
+    p.add_argument("--no-anchor", action="store_true",
+                   help="skip llama.cpp beside the served figures (bench/llamacpp.py: decode and long-prompt TTFT of "
+                        "the same models as BF16 GGUFs; only where `make anchor` installed llama-cpp-python)")
     p.add_argument("--no-stock-twin", action="store_true",
                    help="in the long prompts, skip the stock twin: each default-worker model also served by "
                         "FastChat's stock worker (<model>:fastchat, same checkpoint, dtype and threads) in the same "
@@ -304,6 +307,10 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
     import torch
 
     from bench.api import aggregate_rounds, api_decode, shared_decode
+    from bench.llamacpp import AnchorPlan
+    from bench.llamacpp import attach as attach_anchor
+    from bench.llamacpp import measure as measure_anchor
+    from bench.llamacpp import table_lines as anchor_lines
     from bench.prompts import PromptPlan
     from bench.prompts import measure as measure_prompts
     from bench.raw import ReadProbe, bandwidth_bytes_per_s, param_bytes, probe_name, raw_decode, threads
@@ -360,14 +367,19 @@ def _measure(args, cfg, stack_cfg, names, plan: Plan, headers, up_time) -> int:
             r.shared_decode_tps = shared.get(r.name)
     long_prompts = measure_prompts(stack_cfg, names, PromptPlan.of(args), api, headers, tokenizers,
                                    progress=lambda line: print(line, flush=True))
+    anchor = None if args.no_anchor else measure_anchor(stack_cfg, names, AnchorPlan.of(args, tokens, repeats), api,
+                                                        headers, tokenizers, progress=lambda line: print(line, flush=True))
     # Other processes on the same cores skew every number: keep the load next to them.
     machine["loadavg_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}
     settings = {**asdict(plan), "clients": list(clients), "config": str(cfg.source),
                 "stack_config": str(stack_cfg.source),
                 "prefix_cache": "off in the bench's stack" if stack_cfg is not cfg else "as configured (running stack)"}
     out = report_json(reports, machine, up_time, settings, long_prompts)
+    attach_anchor(out, anchor)
     print()
     print(table(reports, machine, up_time, long_prompts))
+    for line in anchor_lines(anchor):
+        print(line)
     print(f"load average (1 min): {load_start[0]:.2f} at start, {machine['loadavg_1min']['end']:.2f} at end "
           f"on {cpu_count()} cores")
     path = write_json(args, out)
