@@ -111,10 +111,8 @@ def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, wa
     TTFT is a 1-token generate; decode speed is (N-1) tokens over the difference between an
     N-token and a 1-token generate, so the prefill is not counted as decoding.
     """
-    kw = {"do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(input_ids)}
-
     def generate(n: int, **more) -> None:
-        model.generate(input_ids, max_new_tokens=n, **kw, **more, **({"past_key_values": cache()} if cache else {}))
+        _generate(model, input_ids, n, cache, **more)
 
     if warm:
         generate(2, min_new_tokens=2)
@@ -129,6 +127,25 @@ def raw_decode(model, input_ids: torch.Tensor, new_tokens: int, repeats: int, wa
         ttfts.append(t1)
         rates.append(input_ids.shape[0] * (new_tokens - 1) / max(tn - t1, 1e-9))
     return Stat.of(rates), Stat.of(ttfts)
+
+
+def _generate(model, input_ids: torch.Tensor, n: int, cache: Callable[[], object] | None, **more) -> None:
+    """A greedy `generate` of n tokens, as raw_decode and first_token time it."""
+    model.generate(input_ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(input_ids), **more,
+                   **({"past_key_values": cache()} if cache else {}))
+
+
+@torch.inference_mode()
+def first_token(model, input_ids: torch.Tensor, repeats: int, cache: Callable[[], object] | None = None) -> Stat:
+    """Time to first token as raw_decode times it (a 1-token `generate`), without its N-token generates: for a
+    model whose decode is not measured (the shape bench's plain PyTorch side). No warm-up: the caller's."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _generate(model, input_ids, 1, cache)
+        times.append(time.perf_counter() - t)
+    return Stat.of(times)
 
 
 @dataclass(frozen=True)
