@@ -154,12 +154,33 @@ def test_the_loaders_reader_gives_what_safetensors_gives(dtype, tmp_path):
         dict(safetensors_tensors(tmp_path / "cut.safetensors"))
 
 
+def _linear_params(config: dict) -> tuple[int, int]:
+    """(decoder linears' weights, output projection's) of a shape, from its published tensors: what a prompt pass
+    multiplies every token by, and the last position only."""
+    import math
+
+    heads = ("lm_head.weight", "transformer.output_layer.weight")
+    embeddings = ("transformer.wte.weight", "transformer.embedding.word_embeddings.weight")
+    tensors = shapes.published_tensors(config)
+    linear = sum(math.prod(s) for n, s in tensors if len(s) == 2 and n not in heads + embeddings)
+    return linear, sum(math.prod(s) for n, s in tensors if n in heads)
+
+
 @pytest.mark.parametrize("name", list(shapes.SHAPES))
 def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monkeypatch, capsys):
     """run_shape end to end on the tiny shape: checkpoint written, load measured in a child, the model loaded by
-    load_native and put on the kernels, and the report names the shape, the path and the load's memory."""
+    load_native and put on the kernels, and the report names the shape, the path and the load's memory. Beside
+    the engine, plain PyTorch on the same model: timed before engine.kernels.install, the engine's prompt passes
+    after it through engine.prefill.prefill, and the ratios and fractions of the peak are those of the times."""
+    import statistics
+
+    import engine.kernels
+    import engine.prefill
     from bench import cli as bench
+    from bench import prompts as bench_prompts
     from bench import raw as bench_raw
+    from bench import shape_run
+    from bench.stats import _s
 
     class Probe:  # a fixed 10 GB/s: the measurement's arithmetic is test_bench_stats'; here the path is
         def __init__(self, n_threads, mb=512):
@@ -172,8 +193,26 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
     # Not XDG_CACHE_HOME: the kernels' and the read probe's builds are cached there, once per process.
     monkeypatch.setattr(shapes, "cache_root", lambda: tmp_path / "shapes")
     monkeypatch.setattr(bench_raw, "ReadProbe", Probe)
+    # A fixed matmul peak (its own child is test_bench_prompts'): the faster of the two is the one used.
+    monkeypatch.setattr(bench_prompts, "measure_peak", lambda dtype, threads: {
+        "dtype": dtype, "threads": threads, "shape": [8, 8, 8], "kernel_name": "k",
+        "torch": {"median": 2.0, "min": 2.0, "max": 2.0, "n": 1}, "kernel": {"median": 3.0, "min": 3.0, "max": 3.0, "n": 1}})
+    # What ran, in order: each side's prompt passes, the install between them, the worker's prefill inside.
+    events: list[tuple] = []
+
+    def record(label, fn, size=lambda *a, **k: len(a[1])):
+        def wrapped(*a, **k):
+            events.append((label, size(*a, **k)))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(shape_run, "torch_prompt_pass", record("torch", shape_run.torch_prompt_pass))
+    monkeypatch.setattr(shape_run, "engine_prompt_pass", record("engine", shape_run.engine_prompt_pass))
+    monkeypatch.setattr(engine.prefill, "prefill", record("prefill", engine.prefill.prefill, lambda m, p, *a, **k: len(p[0])))
+    monkeypatch.setattr(engine.kernels, "install", record("install", engine.kernels.install, lambda *a, **k: None))
     out_path = tmp_path / "shape.json"
-    args = bench.parse_args(["--shape", name, "--tokens", "3", "--repeats", "1", "--json", str(out_path)])
+    args = bench.parse_args(["--shape", name, "--tokens", "3", "--repeats", "2", "--json", str(out_path)])
+    args.shape_prompts = (8, 40)  # --shape-prompts
     start = time.perf_counter()
     assert bench.run_shape(args) == 0
     out = json.loads(out_path.read_text())
@@ -189,9 +228,78 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
                                                 / out["decode_tokens_per_s"]["median"])
     assert out["roofline_fraction"][name] > 0
     assert f"\n{name} (random weights" in printed and out["path"] in printed and f"{out['load_rss_ratio']:.3f} x" in printed
+
+    # Plain PyTorch first on the model as loaded (a warm-up pass, then every prompt), the kernels installed once,
+    # then the engine on the same prompts, each of its passes the worker's prefill.
+    warm = bench_prompts.WARM_TOKENS
+    torch_side = [("torch", n) for n in (warm, 8, 8, 40, 40)]
+    engine_side = [e for n in (warm, 8, 8, 40, 40) for e in (("engine", n), ("prefill", n))]
+    assert events == [*torch_side, ("install", None), *engine_side]
+    assert out["cpu"] and out["cpu"] in printed and isinstance(out["cpu_units"], list)
+    # The 64-token first token: the engine's figure and plain PyTorch's, timed alike, and their ratio.
+    assert out["torch_ttft_64_tokens_s"]["n"] == 2 and out["torch_ttft_64_tokens_s"]["median"] > 0
+    assert out["ttft_64_vs_torch_ratio"] == pytest.approx(out["ttft_64_tokens_s"]["median"]
+                                                          / out["torch_ttft_64_tokens_s"]["median"])
+    prompts = out["prompts"]
+    assert prompts["matmul_peak_used_gflops"] == 3.0 and prompts["matmul_peak_gflops"]["kernel_name"] == "k"
+    shape = bench_prompts.ModelShape(**prompts["model_shape"])
+    # Counted on the plain model: after install its linears are no nn.Linear any more.
+    assert (shape.linear_params, shape.head_params) == _linear_params(shapes.SHAPES[name].config)
+    assert list(prompts["lengths"]) == list(out["prefill_vs_torch_ratio"][name]) == ["8", "40"]
+    for k, v in prompts["lengths"].items():
+        e, t = v["raw_s"]["engine"], v["raw_s"]["torch"]
+        assert len(e) == len(t) == 2 and v["tokens"] == [int(k)] * 2
+        assert v["engine_s"]["median"] == pytest.approx(statistics.median(e))
+        ratio = out["prefill_vs_torch_ratio"][name][k]
+        assert ratio == v["engine_vs_torch"]
+        assert ratio["median"] == pytest.approx(statistics.median(e) / statistics.median(t))
+        assert (ratio["min"], ratio["max"]) == pytest.approx((min(e) / max(t), max(e) / min(t)))
+        flops = bench_prompts.prompt_flops(shape, int(k))
+        for side, times in (("engine", e), ("torch", t)):
+            assert out["prompt_fraction_of_matmul_peak"][name][k][side] == pytest.approx(
+                statistics.median([flops / s / 3e9 for s in times]))
+            assert out["prompt_tokens_per_s"][name][k][side] == pytest.approx(statistics.median([int(k) / s for s in times]))
+        assert not any(key.startswith("served") for key in v)  # no served path in the shape bench
+        assert f"{k}-token prompt pass: engine {_s(v['engine_s'])} s" in printed
+    assert set(out["phases_s"]) >= {"torch_s", "engine_prompts_s", "decode_s", "total_s"}
+
     # A second run reuses the checkpoint.
     assert bench.run_shape(args) == 0
     assert json.loads(out_path.read_text())["checkpoint_written_s"] is None
+
+
+def test_the_shape_prompt_plan():
+    """64, 1,000 and 4,000 tokens by default, fewer repeats the longer the prompt; --quick, --no-long-prompts,
+    --repeats and --shape-prompts as documented."""
+    import argparse
+
+    from bench.cli import parse_args
+    from bench.shape_run import ShapePromptPlan, shape_prompts
+
+    def plan(*argv, prompts=None):
+        args = parse_args(["--shape", "qwen-7b", *argv])
+        args.shape_prompts = prompts
+        return ShapePromptPlan.of(args).repeats
+
+    assert plan() == {64: 3, 1000: 2, 4000: 1}
+    assert list(plan()) == [64, 1000, 4000]  # the order measured
+    assert plan("--quick") == {64: 1, 1000: 1}
+    assert plan("--no-long-prompts") == {64: 3}
+    assert plan("--repeats", "2") == {64: 2, 1000: 2, 4000: 2}
+    assert plan(prompts=(1000, 64)) == {1000: 2, 64: 3}
+    assert shape_prompts("64, 1000,64") == (64, 1000)
+    for bad in ("", "0", "64,x", "-5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shape_prompts(bad)
+
+
+def test_engine_over_torch_of_figures_not_measured_side_by_side():
+    from bench.shape_run import unpaired_ratio
+    from bench.stats import Stat
+
+    assert unpaired_ratio([2.0, 4.0, 3.0], [1.0, 2.0]) == Stat(2.0, 1.0, 4.0, 2)
+    assert unpaired_ratio([5.0], [4.0]) == Stat(1.25, 1.25, 1.25, 1)
+    assert unpaired_ratio([], [1.0]) is None and unpaired_ratio([1.0], []) is None
 
 
 def test_the_checkpoints_live_in_the_projects_cache(monkeypatch, tmp_path):
