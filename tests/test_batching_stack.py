@@ -5,6 +5,7 @@ On the shared stack: the default config, whose models are served by the batching
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -45,7 +46,13 @@ def test_the_worker_is_the_batching_worker_with_the_chat_template(stack):
     for w in workers:
         assert "engine.worker" in Path(f"/proc/{w.pid}/cmdline").read_bytes().decode().split("\0")
         # The engine the worker chose (engine/select.py), as logged at start.
-        assert "batching worker: continuous batching" in Path(w.log).read_text()
+        log = Path(w.log).read_text()
+        assert "batching worker: continuous batching" in log
+        # The paths each call kind runs on, chosen by measurement at start (engine/kernels/path_choice.py), or read
+        # back from the cache of an earlier measurement on this machine: one line per call kind, with figures.
+        for kind in ("decode", "prompt", "attention"):
+            assert re.search(rf"batching worker: paths: {kind} on .*kernel .* ms, torch .* ms", log), kind
+        assert re.search(r"batching worker: paths: measured (now|before on this machine)", log)
 
 
 def test_non_streaming_and_streaming_agree_with_usage(stack_client):
