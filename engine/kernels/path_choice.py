@@ -264,8 +264,9 @@ def explain(chosen: paths.Paths) -> list[str]:
 def _read(file: Path) -> paths.Paths | None:
     try:
         data = json.loads(file.read_text())
-        return paths.Paths(decode=data["decode"], prompt_torch_from=data["prompt_torch_from"],
-                           attention_torch_from=data["attention_torch_from"], figures=data.get("figures", {}))
+        return paths.Paths(decode=data["decode"], prompt_torch_from=data["prompt_torch_from"] or paths.NEVER,
+                           attention_torch_from=data["attention_torch_from"] or paths.NEVER,
+                           figures=data.get("figures", {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -273,7 +274,10 @@ def _read(file: Path) -> paths.Paths | None:
 def _write(file: Path, chosen: paths.Paths, signature: dict) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"decode": chosen.decode, "prompt_torch_from": chosen.prompt_torch_from,
-                               "attention_torch_from": chosen.attention_torch_from, "figures": chosen.figures,
+    def tokens(n: int) -> int | None:  # null: never
+        return None if n >= paths.NEVER else n
+
+    tmp.write_text(json.dumps({"decode": chosen.decode, "prompt_torch_from": tokens(chosen.prompt_torch_from),
+                               "attention_torch_from": tokens(chosen.attention_torch_from), "figures": chosen.figures,
                                "signature": signature}, indent=1))
     os.replace(tmp, file)
