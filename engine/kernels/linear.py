@@ -56,8 +56,10 @@ class LinearBackend:
 
 def compute(backend: LinearBackend, x: torch.Tensor, operand: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias on the backend, or on PyTorch's matmul inside a lone prompt pass that paths.py sends
-    there (the weight unpacked for the call: the model keeps one copy, in the backend's layout)."""
-    if backend.unpack is not None and paths.linears_on_torch():
+    there (the weight unpacked for the call: the model keeps one copy, in the backend's layout). Not the output
+    projection of that pass, which computes the last position's logits only: one row, which the kernel reads the
+    weight for once, where unpacking it would copy the largest weight of the model for nothing."""
+    if backend.unpack is not None and x.numel() > x.shape[-1] and paths.linears_on_torch():
         return F.linear(x, backend.unpack(operand, x.shape[-1]), bias)
     return backend.run(x, operand, bias)
 
