@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= deploy/models.toml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system models up down status logs check test test-fast lint download eval bench worker clean
+.PHONY: setup system models up down status logs check test test-fast lint download eval bench anchor worker clean
 
 setup: system $(STAMP) models  ## system packages, .venv with exact pins, then fetch + convert the embedded models
 
@@ -59,6 +59,20 @@ eval: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench --config $(CONFIG) $(ARGS)
+
+# Optional: llama.cpp as `make bench`'s anchor (bench/llamacpp.py). llama-cpp-python is compiled from its PyPI sdist
+# for this CPU (-march=native: AVX-512 and its bf16 units where the CPU has them; ~18 min on 2 cores); the sdist is
+# kept in $(ANCHOR_SRC), where the bench takes llama.cpp's own converter (vendor/llama.cpp) to write BF16 GGUFs.
+# Installed once: to rebuild (other flags, another CPU), `$(PY) -m pip uninstall -y llama-cpp-python` first.
+ANCHOR_SRC  := $(HOME)/.cache/cpu-arena/llama.cpp
+ANCHOR_CMAKE ?= -DGGML_NATIVE=ON
+anchor: $(STAMP)
+	@mkdir -p $(ANCHOR_SRC)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -c deploy/constraints.txt -d $(ANCHOR_SRC) llama-cpp-python
+	@start=$$(date +%s); \
+	CMAKE_ARGS="$(ANCHOR_CMAKE)" $(PY) -m pip install -q --no-cache-dir -c deploy/constraints.txt \
+		--find-links $(ANCHOR_SRC) -e '.[dev,anchor]' && $(PY) -m pip check && \
+	echo "anchor: llama-cpp-python $$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)') installed in $$(( $$(date +%s) - start )) s"
 
 worker: $(STAMP)
 	$(PY) -m launch worker --config $(CONFIG) $(ARGS)
