@@ -10,7 +10,7 @@ What, per model (`make bench`, after the long prompts; `--no-anchor` skips it):
   ~/.cache/cpu-arena/llama.cpp), once: cached in ~/.cache/cpu-arena/gguf under a key of the checkpoint's content and
   the converter's sources;
 - llama_cpp.Llama on it with the worker's thread count, in a child process that sits idle while the API is measured;
-  flash attention as llama-cpp-python leaves it by default (off; reported with the figures);
+  flash attention as llama-cpp-python leaves it by default (FLASH_ATTN; off in 0.3.36, reported with the figures);
 - decode: greedy tokens/s over as many tokens as the served decode streams, from the same chat-templated prompt ids
   the worker sees (bench.api.PROMPT), (tokens - 1) / (last token - first token) as the served figure is counted;
 - TTFT: prompt pass plus first token of the long prompts bench/prompts.py builds (its builder, ~1,000 and ~4,000
@@ -53,6 +53,8 @@ CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/")
 WARM_PROMPT = 256  # the child's first prompt pass and a few decode steps: first-call costs stay out of the figures
 MARK = "@@llamacpp "  # the child's answers on stdout; llama.cpp may print other lines there
+# None: llama-cpp-python's default (off in 0.3.36; llama.cpp's own programs default to auto, which is on for the CPU).
+FLASH_ATTN: bool | None = None
 
 
 def installed_version() -> str | None:
@@ -295,7 +297,7 @@ def _child(args: argparse.Namespace) -> None:
     from llama_cpp import Llama
 
     llm = Llama(model_path=args.gguf, n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
-                verbose=False)
+                verbose=False, **({} if FLASH_ATTN is None else {"flash_attn": FLASH_ATTN}))
     _run(llm, list(range(100, 100 + WARM_PROMPT)), 4)
     _answer({"ready": True, "flash_attn": _flash_attn_name(llm), "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch,
              "n_ubatch": llm.context_params.n_ubatch})
@@ -386,7 +388,9 @@ def measure_model(stack_cfg, name: str, tokenizer, plan: AnchorPlan, api: str, h
 
     from bench.api import PROMPT
     from bench.prompts import ANSWER_TOKENS, _served_ttft, build_prompt, fitting_length, renderer
+    from launch.fastchat_entry import prepare_process
 
+    prepare_process()  # the project's adapters, so that the prompt ids come from the worker's chat template
     m = stack_cfg.model(name)
     ckpt = stack_cfg.model_path(m)
     threads = stack_cfg.threads(m)
