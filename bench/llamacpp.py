@@ -233,10 +233,8 @@ def _s(d: dict | None, digits: int = 2) -> str:
 
 def table_lines(anchor: dict | None) -> list[str]:
     """The printed table's block: per model llama.cpp's figures, the served ones measured beside them, the ratios."""
-    if not anchor:
+    if not anchor or anchor.get("skipped"):  # a skip was said in its one line as the run went (measure)
         return []
-    if anchor.get("skipped"):
-        return ["", f"llama.cpp anchor skipped: {anchor['skipped']}"]
     lines = ["", f"against llama.cpp (llama-cpp-python {anchor['version']}, BF16 GGUF, measured side by side; "
                  "cpu-arena / llama.cpp: decode above 1 and TTFT below 1 = cpu-arena faster)"]
     for name, m in anchor["models"].items():
