@@ -236,26 +236,45 @@ def test_the_choice_is_measured_on_the_models_shapes_cached_and_logged(tmp_path,
 
     model = Qwen2ForCausalLM(Qwen2Config(hidden_size=128, intermediate_size=320, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).bfloat16()
-    shapes = [tuple(w.shape) for w, _ in path_choice.layer_weights(model)]
-    assert shapes == [(128 + 2 * 64, 128), (2 * 320, 128), (128, 128), (128, 320)]  # qkv, gate/up, o, down
-    assert path_choice.attention_shape(model) == (4, 2, 32)
-    timed = []
-    real = path_choice._timed
-    monkeypatch.setattr(path_choice, "_timed", lambda fn: timed.append(fn) or real(fn))
+    shapes = path_choice.layer_shapes(model)
+    assert shapes == [(128 + 2 * 64, 128, True), (2 * 320, 128, False), (128, 128, False), (128, 320, False)]
+    assert path_choice.attention_shape(model) == (4, 2, 32)  # qkv (with Qwen2's biases), gate/up, o, down
+    monkeypatch.setattr(path_choice, "_busy_seconds", lambda: 0.0)  # a quiet machine (the busy case is below)
+    children = []
+    real = path_choice.measure_in_child
+    monkeypatch.setattr(path_choice, "measure_in_child", lambda sig: children.append(sig) or real(sig))
     lines: list[str] = []
     first = path_choice.choose_paths(model, say=lines.append)
-    assert timed, "nothing was timed"
+    assert len(children) == 1 and children[0]["linears"] == [list(s) for s in shapes]
     assert [line.split(" on ")[0] for line in lines[:3]] == ["paths: decode", "paths: prompt", "paths: attention"]
     assert "kernel" in lines[0] and "torch" in lines[0] and "ms" in lines[0]
     assert lines[3] == "paths: measured now"
-    assert set(first.figures["decode"]) == {1, 4}
+    figures = first.figures
+    assert set(figures["decode"]) == {"1", "4"} and set(figures["prompt"]) <= {"64", "256", "1024"}
+    assert all(0 < f[c] < 10 for kind in figures.values() for f in kind.values() for c in ("kernel", "torch"))
     assert len(list(tmp_path.glob("*.json"))) == 1
-    timed.clear()
     lines.clear()
     again = path_choice.choose_paths(model, say=lines.append)
-    assert again == first and not timed  # read back, not measured
+    assert again == first and len(children) == 1  # read back, not measured
     assert lines[3].startswith("paths: measured before on this machine")
-    # Another shape is another entry.
+    # Measured beside another process's work: used, but not kept.
+    busy = iter([0.0, 1e6])
+    monkeypatch.setattr(path_choice, "_busy_seconds", lambda: next(busy))
+    lines.clear()
+    narrow = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).bfloat16()
+    path_choice.choose_paths(narrow, say=lines.append)
+    assert lines[3].startswith("paths: measured now, beside other processes using") and "not cached" in lines[3]
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setattr(path_choice, "_busy_seconds", lambda: 0.0)
+    # A failed measurement leaves everything on the kernels and says why; another shape is another entry.
+    monkeypatch.setattr(path_choice, "measure_in_child", lambda sig: (_ for _ in ()).throw(RuntimeError("boom")))
+    lines.clear()
+    odd = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).bfloat16()
+    assert path_choice.choose_paths(odd, say=lines.append) == paths.KERNELS
+    assert lines == ["paths: everything on the kernels: the measurement failed (boom)"]
+    monkeypatch.setattr(path_choice, "measure_in_child", real)
     wider = Qwen2ForCausalLM(Qwen2Config(hidden_size=256, intermediate_size=320, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).bfloat16()
     path_choice.choose_paths(wider, say=lines.append)
@@ -300,7 +319,8 @@ def test_a_faster_torch_is_chosen_per_call_kind(monkeypatch):
     monkeypatch.setattr(path_choice, "BUDGET_S", 10.0)
     from dataclasses import replace
 
-    chosen = path_choice.measure(native_kernel()[0], replace(backend, run=slow), torch.bfloat16,
-                                 path_choice.layer_weights(model), path_choice.attention_shape(model))
+    layer = [(torch.randn(n_out, n_in).bfloat16(), None) for n_out, n_in, _ in path_choice.layer_shapes(model)]
+    chosen = path_choice.measure(native_kernel()[0], replace(backend, run=slow), torch.bfloat16, layer,
+                                 path_choice.attention_shape(model))
     assert chosen.decode == paths.KERNEL
     assert chosen.prompt_torch_from == path_choice.PROMPT_TOKENS[0]

@@ -8,9 +8,9 @@ on the model's widths and on the prompt's length. On an Intel Xeon with AMX, PyT
 and wins decode steps on the same machine; on an AMD EPYC with AVX512_BF16 the kernel ran the same prompt faster.
 Flags only rule out what cannot run (no kernel built: nothing to choose).
 
-What is timed: one decoder layer's linears (the first layer's weights, the q/k/v and gate/up projections sharing
-one matmul as the engine computes them), on each candidate, summed; and one layer's attention with the model's
-heads and head size. Bounded: a warm-up at the smallest size, then the fastest of up to REPEATS runs a size while a
+What is timed: one decoder layer's linears (the first layer's shapes, the q/k/v and gate/up projections sharing
+one matmul as the engine computes them; random weights, in a child process: measure_in_child says why), on each
+candidate, summed; and one layer's attention with the model's heads and head size. Bounded: a warm-up at the smallest size, then the fastest of up to REPEATS runs a size while a
 candidate stays under BUDGET_S, a size skipped once the previous one took longer than BUDGET_S. A few seconds on a 7B
 shape, a fraction of a second on the small models. A PyTorch candidate must beat the kernel by MARGIN to be
 chosen: a switch that wins by noise is not worth its grouping and prefix-cache losses (paths.py).
@@ -29,6 +29,9 @@ import json
 import math
 import os
 import re
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,21 +50,25 @@ PROMPT_TOKENS = (64, 256, 1024)
 ATTENTION_QUERIES = (256, 1024, 2048)
 REPEATS = 5
 BUDGET_S = 1.5
+CHILD_TIMEOUT_S = 300
+BUSY_CORES = 0.25  # other processes' load during a measurement beyond which its result is not cached
 MARGIN = 0.95  # a PyTorch candidate is chosen where it takes less than this share of the kernel's time
 UNIT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 SOURCES = Path(__file__).parent
 
 
 def choose_paths(model: nn.Module, *, use_cache: bool = True, say: Callable[[str], None] = print) -> paths.Paths:
-    """The Paths this machine runs `model`'s calls fastest on (measured, or read from the cache); `say` gets one
-    line per call kind with the figures. Call before engine.kernels.install(model, ...) (it times plain weights)."""
+    """The Paths this machine runs `model`'s calls fastest on (measured in a child process on the model's shapes,
+    or read from the cache); `say` gets one line per call kind with the figures. Call before
+    engine.kernels.install(model, ...): it reads the shapes of the model's plain linears. Never raises for a failed
+    measurement: everything stays on the kernels, and `say` tells why."""
     dtype = next(model.parameters()).dtype
     kernel, why = native_kernel()
     backend, _ = choose_backend(dtype)
     if kernel is None or backend is None or backend.unpack is None:
         say(f"paths: everything on the default paths, nothing to choose ({why or f'no kernel for {dtype}'})")
         return paths.KERNELS
-    layer = layer_weights(model)
+    layer = layer_shapes(model)
     attn = attention_shape(model)
     if not layer:
         say("paths: everything on the kernels (no decoder layer's linears found to measure)")
@@ -72,9 +79,16 @@ def choose_paths(model: nn.Module, *, use_cache: bool = True, say: Callable[[str
     with _one_at_a_time():
         chosen = _read(file) if use_cache else None
         if chosen is None:
-            chosen = measure(kernel, backend, dtype, layer, attn)
+            try:
+                chosen, others = measure_in_child(signature)
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+                say(f"paths: everything on the kernels: the measurement failed ({e})")
+                return paths.KERNELS
             source = "measured now"
-            if use_cache:
+            if others > BUSY_CORES:
+                # Timed beside other work: used, not kept, so that a quieter start measures again.
+                source += f", beside other processes using {others:.1f} cores: not cached"
+            elif use_cache:
                 _write(file, chosen, signature)
     for line in explain(chosen):
         say(f"paths: {line}")
@@ -102,9 +116,9 @@ def paths_cache_dir() -> Path:
     return Path(root) if root else cache_dir().parent / "paths"
 
 
-def layer_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The first decoder layer's linear weights (and biases) as the engine multiplies them: each of
-    SHARED_INPUT_GROUPS as one concatenated weight, every other linear alone."""
+def layer_shapes(model: nn.Module) -> list[tuple[int, int, bool]]:
+    """(outputs, inputs, has a bias) of the first decoder layer's linears as the engine multiplies them: each of
+    SHARED_INPUT_GROUPS as one matmul of their outputs together, every other linear alone."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     first = next((re.match(r"(.*?\.\d+\.)", name) for name, _ in linears if re.search(r"\.\d+\.", name)), None)
     if first is None:
@@ -116,12 +130,9 @@ def layer_weights(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | N
         names = [n for n in mine if n.rsplit(".", 1)[-1] in group]
         parents = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
         if len(names) == len(group) and len(parents) == 1:
-            ms = [mine.pop(n) for n in sorted(names, key=lambda n: group.index(n.rsplit(".", 1)[-1]))]
-            bias = None
-            if any(m.bias is not None for m in ms):
-                bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in ms])
-            out.append((torch.cat([m.weight.detach() for m in ms]), bias))
-    out.extend((m.weight.detach(), m.bias) for m in mine.values())
+            ms = [mine.pop(n) for n in names]
+            out.append((sum(m.out_features for m in ms), ms[0].in_features, any(m.bias is not None for m in ms)))
+    out.extend((m.out_features, m.in_features, m.bias is not None) for m in mine.values())
     return out
 
 
@@ -148,7 +159,7 @@ def cache_key(dtype: torch.dtype, layer: list, attn: tuple | None) -> tuple[str,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": str(dtype),
-        "linears": [[*w.shape, b is not None] for w, b in layer],
+        "linears": [list(shape) for shape in layer],
         "attention": list(attn) if attn else None,
         "source": source.hexdigest()[:16],
     }
@@ -261,12 +272,69 @@ def explain(chosen: paths.Paths) -> list[str]:
     return lines
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, /proc/stat), or 0 where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(f) for f in fields]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_in_child(signature: dict) -> tuple[paths.Paths, float]:
+    """measure() on random weights of the signature's shapes (timing does not depend on the values), in a child
+    process, on its main thread: none of the worker's threads (its HTTP loop, the OpenMP pools its loading left)
+    share the process with the timed calls. Also returns how many cores other processes kept busy meanwhile (the
+    machine's busy time less the child's own, over the wall time): a 2-thread kernel call waits for a core
+    whenever another process holds one (calls of a Qwen2.5-0.5B layer then took 28-32 ms in steps of the 4 ms
+    scheduler tick, against 0.5-1.5 ms on a quiet machine), and its figure then says nothing about the kernel."""
+    busy, start = _busy_seconds(), time.monotonic()
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run([sys.executable, "-m", "engine.kernels.path_choice"], input=json.dumps(signature),
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                          cwd=Path(__file__).resolve().parents[2])
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-600:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (after.ru_utime - own.ru_utime) + (after.ru_stime - own.ru_stime)
+    wall = max(time.monotonic() - start, 1e-3)
+    others = max(0.0, _busy_seconds() - busy - child) / wall
+    return _from_json(json.loads(done.stdout.strip().splitlines()[-1])), others
+
+
+def _child_main() -> None:
+    signature = json.loads(sys.stdin.read())
+    torch.set_num_threads(signature["threads"])
+    dtype = getattr(torch, signature["dtype"].removeprefix("torch."))
+    layer = [(torch.randn(n_out, n_in).mul_(0.02).to(dtype), torch.zeros(n_out, dtype=dtype) if bias else None)
+             for n_out, n_in, bias in signature["linears"]]
+    kernel, why = native_kernel()
+    backend, _ = choose_backend(dtype)
+    if kernel is None or backend is None:
+        raise SystemExit(f"no kernel to measure: {why}")
+    attn = tuple(signature["attention"]) if signature["attention"] else None
+    print(json.dumps(_to_json(measure(kernel, backend, dtype, layer, attn))))
+
+
+def _to_json(chosen: paths.Paths) -> dict:
+    def tokens(n: int) -> int | None:  # null: never
+        return None if n >= paths.NEVER else n
+
+    return {"decode": chosen.decode, "prompt_torch_from": tokens(chosen.prompt_torch_from),
+            "attention_torch_from": tokens(chosen.attention_torch_from), "figures": chosen.figures}
+
+
+def _from_json(data: dict) -> paths.Paths:
+    return paths.Paths(decode=data["decode"], prompt_torch_from=data["prompt_torch_from"] or paths.NEVER,
+                       attention_torch_from=data["attention_torch_from"] or paths.NEVER,
+                       figures=data.get("figures", {}))
+
+
 def _read(file: Path) -> paths.Paths | None:
     try:
-        data = json.loads(file.read_text())
-        return paths.Paths(decode=data["decode"], prompt_torch_from=data["prompt_torch_from"] or paths.NEVER,
-                           attention_torch_from=data["attention_torch_from"] or paths.NEVER,
-                           figures=data.get("figures", {}))
+        return _from_json(json.loads(file.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -274,10 +342,9 @@ def _read(file: Path) -> paths.Paths | None:
 def _write(file: Path, chosen: paths.Paths, signature: dict) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    def tokens(n: int) -> int | None:  # null: never
-        return None if n >= paths.NEVER else n
-
-    tmp.write_text(json.dumps({"decode": chosen.decode, "prompt_torch_from": tokens(chosen.prompt_torch_from),
-                               "attention_torch_from": tokens(chosen.attention_torch_from), "figures": chosen.figures,
-                               "signature": signature}, indent=1))
+    tmp.write_text(json.dumps({**_to_json(chosen), "signature": signature}, indent=1))
     os.replace(tmp, file)
+
+
+if __name__ == "__main__":
+    _child_main()
