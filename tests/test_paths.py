@@ -258,8 +258,9 @@ def test_the_choice_is_measured_on_the_models_shapes_cached_and_logged(tmp_path,
     assert again == first and len(children) == 1  # read back, not measured
     assert lines[3].startswith("paths: measured before on this machine")
     # Measured beside another process's work: used, but not kept.
-    busy = iter([0.0, 1e6])
+    busy = iter([0.0, 1e6, 2e6, 3e6])  # both attempts beside other work
     monkeypatch.setattr(path_choice, "_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(path_choice, "RETRY_AFTER_S", 0.0)
     lines.clear()
     narrow = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).bfloat16()
