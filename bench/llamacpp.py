@@ -10,7 +10,8 @@ What, per model (`make bench`, after the long prompts; `--no-anchor` skips it):
   ~/.cache/cpu-arena/llama.cpp), once: cached in ~/.cache/cpu-arena/gguf under a key of the checkpoint's content and
   the converter's sources;
 - llama_cpp.Llama on it with the worker's thread count, in a child process that sits idle while the API is measured;
-  flash attention as llama-cpp-python leaves it by default (FLASH_ATTN; off in 0.3.36, reported with the figures);
+  flash attention on (FLASH_ATTN), as llama.cpp's own programs run it on the CPU (their default, auto, turns it on;
+  llama-cpp-python 0.3.36 leaves it off, which made SmolLM2's 4,000-token prompt ~17.6 s against ~14 s with it);
 - decode: greedy tokens/s over as many tokens as the served decode streams, from the same chat-templated prompt ids
   the worker sees (bench.api.PROMPT), (tokens - 1) / (last token - first token) as the served figure is counted;
 - TTFT: prompt pass plus first token of the long prompts bench/prompts.py builds (its builder, ~1,000 and ~4,000
@@ -53,8 +54,8 @@ CONVERTER = "convert_hf_to_gguf.py"
 CONVERTER_PARTS = (CONVERTER, "conversion/", "gguf-py/")
 WARM_PROMPT = 256  # the child's first prompt pass and a few decode steps: first-call costs stay out of the figures
 MARK = "@@llamacpp "  # the child's answers on stdout; llama.cpp may print other lines there
-# None: llama-cpp-python's default (off in 0.3.36; llama.cpp's own programs default to auto, which is on for the CPU).
-FLASH_ATTN: bool | None = None
+# The stronger anchor: llama.cpp's own default on the CPU (auto = on). None would take llama-cpp-python's (off).
+FLASH_ATTN: bool | None = True
 
 
 def installed_version() -> str | None:
