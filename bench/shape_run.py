@@ -165,6 +165,7 @@ def run_shape(args: argparse.Namespace) -> int:
     from engine import kernels as engine_kernels
     from engine.host.hugepages import collapse_model, release_checkpoint_files
     from engine.kernels.linear import linear_backend
+    from engine.kernels.path_choice import choose_paths
     from engine.kv_cache import GrowingCache
 
     started = time.perf_counter()
@@ -204,7 +205,9 @@ def run_shape(args: argparse.Namespace) -> int:
     # As the batching worker serves it (engine/worker.py): linears, attention and fused ops
     # (engine/kernels/__init__.py), the weights on 2 MB pages, nothing left in the checkpoint's files.
     t = time.perf_counter()
-    kernels = linear_backend(torch.bfloat16) if engine_kernels.install(model) else "PyTorch's kernels"
+    # The paths the worker would run this shape on here: measured (or read back) as at worker start.
+    chosen = choose_paths(model)
+    kernels = linear_backend(torch.bfloat16) if engine_kernels.install(model, chosen) else "PyTorch's kernels"
     huge, why = collapse_model(model)
     release_checkpoint_files(model)
     phases["install_s"] = time.perf_counter() - t
@@ -279,6 +282,7 @@ def run_shape(args: argparse.Namespace) -> int:
                         "engine.kernels.install; weights on the pages the loader gave them",
                "engine": "engine.prefill.prefill on the installed model, one request as the batching worker runs it",
                "path": prompt_path("bfloat16"),
+               "paths": {**chosen.describe(), "spec": chosen.spec(), "figures": chosen.figures},
                "matmul_peak_gflops": matmul_peak, "matmul_peak_used_gflops": peak,
                "model_shape": asdict(shape), "repeats": {str(k): v for k, v in plan.repeats.items()},
                "lengths": lengths},
