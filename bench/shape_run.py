@@ -132,8 +132,9 @@ def prompt_figures(shape, prompts: dict[int, list[list[int]]], engine: dict[int,
     for n, reps in prompts.items():
         rec = {"tokens": [len(ids) for ids in reps], "engine": engine[n], "torch": torch_[n]}
         s = summarize(rec, shape, peak)
-        # No served path here: the keys summarize gives it (and the API's overhead) would only ever be None.
-        s = {k: v for k, v in s.items() if not k.startswith("served") and k != "api_overhead_s"}
+        # Only these two paths here: the keys summarize gives the others (served, a stock worker...) and the
+        # API's overhead would only ever be None.
+        s = {k: v for k, v in s.items() if k.startswith(("engine_", "torch_")) or k in ("tokens", "flops")}
         ratio = unpaired_ratio(engine[n], torch_[n])
         s["engine_vs_torch"] = asdict(ratio) if ratio else None
         s["raw_s"] = {"engine": engine[n], "torch": torch_[n]}

@@ -266,7 +266,8 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
             assert out["prompt_fraction_of_matmul_peak"][name][k][side] == pytest.approx(
                 statistics.median([flops / s / 3e9 for s in times]))
             assert out["prompt_tokens_per_s"][name][k][side] == pytest.approx(statistics.median([int(k) / s for s in times]))
-        assert not any(key.startswith("served") for key in v)  # no served path in the shape bench
+        # Engine and plain PyTorch only: no served path, no stock worker in the shape bench.
+        assert {key.split("_")[0] for key in v} == {"engine", "torch", "tokens", "flops", "raw"}
         assert f"{k}-token prompt pass: engine {_s(v['engine_s'])} s" in printed
     assert set(out["phases_s"]) >= {"torch_s", "engine_prompts_s", "decode_s", "total_s"}
 
