@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.output import process_rss, write_json
-from bench.shape_run import run_shape
+from bench.shape_run import SHAPE_PROMPTS_HELP, run_shape, shape_prompts
 from bench.shapes import SHAPES
 from bench.stats import ModelReport, Stat, report_json, roofline_tokens_per_s, table, weight_bytes_per_token
 from engine.host.hardware import cpu_count, resolve_dtype
@@ -62,6 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="instead: a random-weight checkpoint with this model's dimensions in its published layout "
                         "(written once to ~/.cache/cpu-arena/shapes, 13-16 GB), loaded in bf16 as the worker loads it "
                         "(needs 13-16 GB RAM)")
+    p.add_argument("--shape-prompts", type=shape_prompts, default=None, metavar="N,N,...", help=SHAPE_PROMPTS_HELP)
     p.add_argument("--tokens", type=positive_int, default=None, help="tokens generated per measurement (default 48, quick 16; --shape 16, quick 4)")
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="repeats per measurement; medians are reported, min-max as noise (default 3, quick 1)")

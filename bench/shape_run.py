@@ -57,7 +57,7 @@ class ShapePromptPlan:
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> ShapePromptPlan:
-        lengths = getattr(args, "shape_prompts", None) or (
+        lengths = args.shape_prompts or (
             (TTFT_TOKENS,) if getattr(args, "no_long_prompts", False)
             else QUICK_PROMPT_LENGTHS if args.quick else PROMPT_LENGTHS)
         if args.repeats:
