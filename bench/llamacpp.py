@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.child import Child
 from bench.stats import Stat
 
 SKIP_LINE = "llama.cpp anchor skipped: llama-cpp-python is not installed (make anchor)"
@@ -306,40 +307,18 @@ def _child(args: argparse.Namespace) -> None:
         _answer({"ttft_s": ttft, "decode_tok_s": rate})
 
 
-class LlamaChild:
+class LlamaChild(Child):
     """llama.cpp on one GGUF in a child process (_child): answers a prompt's TTFT and decode rate on request."""
 
     def __init__(self, gguf: Path, threads: int, n_ctx: int):
-        self.err = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "bench.llamacpp", "child", "--gguf", str(gguf), "--threads", str(threads),
                "--n-ctx", str(n_ctx)]
         # llama.cpp as a user runs it: its own thread count and OpenMP's default waiting (no worker settings).
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                                     cwd=Path(__file__).resolve().parent.parent)
+        super().__init__(cmd, {**os.environ, "OMP_NUM_THREADS": str(threads)}, MARK, "llama.cpp")
         self.info = self._read()
 
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        self.err.seek(0)
-        tail = self.err.read()[-2000:]
-        raise RuntimeError(f"the llama.cpp process ended (exit {self.proc.wait()}): {tail}")
-
     def __call__(self, ids: list[int], tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"ids": ids, "tokens": tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()  # our own child, by its handle
-            self.proc.wait()
-        self.err.close()
+        return self.ask({"ids": ids, "tokens": tokens})
 
 
 # ---- the bench's part ----

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.child import Child
 from bench.output import cpu_model
 from bench.stats import Stat
 
@@ -317,43 +318,22 @@ def _pass_child(args: argparse.Namespace) -> None:
             _answer({"s": time.perf_counter() - t})
 
 
-class PassChild:
+class PassChild(Child):
     """A child process that times prompt passes (_pass_child) on request; idle in between."""
 
     def __init__(self, kind: str, model_path: str, dtype: str, threads: int, env: dict[str, str], *,
                  prepack: bool = True, trust_remote_code: bool = False, paths: str = "measure"):
         self.kind = kind
-        self.err = tempfile.TemporaryFile(mode="w+")
         cmd = [sys.executable, "-m", "bench.prompts", "pass", kind, "--model-path", model_path, "--dtype", dtype,
                "--threads", str(threads), "--paths", paths] + (["--prepack"] if prepack else []) \
             + (["--trust-remote-code"] if trust_remote_code else [])
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                     env={**os.environ, **env}, cwd=Path(__file__).resolve().parent.parent)
+        super().__init__(cmd, {**os.environ, **env}, MARK, f"{kind} prompt-pass")
         ready = self._read()
         self.shape = ModelShape(**ready["shape"])
         self.paths = ready.get("paths")  # the engine's chosen paths (engine/kernels/paths.py)
 
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
-        self.err.seek(0)
-        tail = self.err.read()[-2000:]
-        raise RuntimeError(f"the {self.kind} prompt-pass process ended (exit {self.proc.wait()}): {tail}")
-
     def __call__(self, ids: list[int]) -> float:
-        self.proc.stdin.write(json.dumps(ids) + "\n")
-        self.proc.stdin.flush()
-        return self._read()["s"]
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()  # our own child, by its handle
-            self.proc.wait()
-        self.err.close()
+        return self.ask(ids)["s"]
 
 
 def measure_peak(dtype: str, threads: int) -> dict:
