@@ -289,8 +289,7 @@ def _pass_child(args: argparse.Namespace) -> None:
         from launch.fastchat_entry import prepare_process
 
         prepare_process()  # the project's adapters, as in the worker
-        from engine.kernels import paths
-        from engine.kernels.path_choice import choose_paths
+        from engine.kernels.path_choice import paths_for
 
         model, _ = load_model(args.model_path, device="cpu", num_gpus=1, dtype=dtype)
         model.eval()
@@ -298,9 +297,7 @@ def _pass_child(args: argparse.Namespace) -> None:
         if args.prepack:
             # The worker's choice: measured here on the same machine, shape and source, it is read from the cache
             # the worker wrote (engine/kernels/path_choice.py).
-            chosen = paths.parse(args.paths)
-            if chosen == paths.MEASURE:
-                chosen = choose_paths(model, say=lambda line: print(line, file=sys.stderr))
+            chosen = paths_for(args.paths, model, say=lambda line: print(line, file=sys.stderr))
             kernels.install(model, chosen)
             chosen_paths = {**chosen.describe(), "spec": chosen.spec(), "figures": chosen.figures}
             collapse_model(model)

@@ -35,7 +35,7 @@ from engine.host.cores import CoreLease
 from engine.host.hugepages import collapse_model, release_checkpoint_files
 from engine.kernels import paths
 from engine.kernels.linear import batch_rows_limit, linear_backend
-from engine.kernels.path_choice import choose_paths
+from engine.kernels.path_choice import paths_for
 from engine.params import GenParams
 from engine.prefix_cache import PrefixCache
 from engine.prefix_cache import usable as prefix_cache_usable
@@ -91,9 +91,7 @@ def _base_worker_class():
                 )
                 model.eval()
                 if args.prepack:
-                    chosen = paths.parse(args.paths)
-                    if chosen == paths.MEASURE:
-                        chosen = choose_paths(model, say=lambda line: print(f"batching worker: {line}", flush=True))
+                    chosen = paths_for(args.paths, model, say=lambda line: print(f"batching worker: {line}", flush=True))
                     print(f"batching worker: {kernels.install(model, chosen)} linear layers on "
                           f"{linear_backend(model.dtype)}", flush=True)
                     huge, why = collapse_model(model)

@@ -16,7 +16,8 @@ def install(model, chosen=None) -> int:
     """Put `model` on the kernels as the batching worker serves it; returns how many linears were replaced.
 
     `chosen`: the paths.Paths this process runs each kind of call on (the worker's, measured by
-    path_choice.choose_paths; default paths.KERNELS, everything on the kernels). First its linears (linear.prepack_linears, on the backend linear.choose_backend picks for its dtype). Then,
+    path_choice.choose_paths; default paths.KERNELS, everything on the kernels). First its linears
+    (linear.prepack_linears, on the backend linear.choose_backend picks for its dtype). Then,
     only where that backend is the project's kernel (not oneDNN, not PyTorch's): this process's attention
     (attention.install: a query's attention the same batched or alone, and faster bf16 decode), and the model's
     norms, MLPs, rotary embedding and decoder layers (fused_ops.install, after the linears: a decoder layer is

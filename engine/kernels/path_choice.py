@@ -58,6 +58,12 @@ UNIT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int
 SOURCES = Path(__file__).parent
 
 
+def paths_for(spec: str, model: nn.Module, say: Callable[[str], None] = print) -> paths.Paths:
+    """The Paths a --paths setting names for this model: measured (choose_paths) for "measure", else as written."""
+    chosen = paths.parse(spec)
+    return choose_paths(model, say=say) if chosen == paths.MEASURE else chosen
+
+
 def choose_paths(model: nn.Module, *, use_cache: bool = True, say: Callable[[str], None] = print) -> paths.Paths:
     """The Paths this machine runs `model`'s calls fastest on (measured in a child process on the model's shapes,
     or read from the cache); `say` gets one line per call kind with the figures. Call before
