@@ -91,7 +91,7 @@ class BatchEngine(EngineThread):
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
                  lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL,
-                 prefix_cache: PrefixCache | None = None, drop_leading: str = ""):
+                 prefix_cache: PrefixCache | None = None, drop_leading: str = "", native_step: bool = True):
         super().__init__()
         self.drop_leading = drop_leading  # cut once from each answer's start (IncrementalText)
         if stream_interval < 1:
@@ -108,6 +108,13 @@ class BatchEngine(EngineThread):
         self.cache: GrowingCache | None = None
         self.steps = 0
         self._ready_mask = takes_ready_mask(model)
+        # Every decoder layer of a step in one C call where the model allows it (bitwise the model's forward);
+        # `decode_path` says which, for the worker's log.
+        from engine.kernels import decode_step  # here: it loads transformers' Llama and Qwen2 modelling code
+
+        self.native_step, why = decode_step.for_model(model) if native_step else (None, "switched off")
+        self.decode_path = "decoder layers in one C call (decode_step.c)" if self.native_step \
+            else f"the model's forward ({why})"
         # Finished requests' keys and values, for prompts that begin like them (only where a prompt started from
         # them gets a whole prefill's logits: prefix_cache.usable).
         if prefix_cache is not None and (why := usable(model)):
@@ -257,15 +264,19 @@ class BatchEngine(EngineThread):
         mask = torch.zeros(batch, width + 1, dtype=torch.long)
         for i, r in enumerate(self.rows):
             mask[i, width - r.length:] = 1
-        if self._ready_mask and min(r.length for r in self.rows) < width:
-            mask = mask.bool()[:, None, None, :]  # padded rows: see takes_ready_mask
+        padded = min(r.length for r in self.rows) < width
         # Each row continues at its own position, whatever its padding.
         positions = torch.tensor([[r.length] for r in self.rows], dtype=torch.long)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        if self.native_step is not None:
+            logits = self.native_step(input_ids, positions, mask if padded else None, self.cache)
+        else:
+            if self._ready_mask and padded:
+                mask = mask.bool()[:, None, None, :]  # see takes_ready_mask
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True)
+            self.cache = out.past_key_values
+            logits = out.logits[:, -1, :]
         self.steps += 1
-        logits = out.logits[:, -1, :]
         # Greedy rows: one argmax over the whole batch instead of one call per row.
         greedy = greedy_tokens(logits)
         keep = []

@@ -39,6 +39,19 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :n + add], self._v[:, :, :n + add]
         return self.keys, self.values
 
+    def reserve(self, add: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers, with room for `add` tokens past the filled part, for a writer other than
+        update() (decode_step.py writes a step's column from C); `advance` then takes them in."""
+        n = self.get_seq_length()
+        if not self._views_of_buffer() or n + add > self._k.shape[-2]:
+            self._grow(n, n + add, self.keys, self.values)
+        return self._k, self._v
+
+    def advance(self, add: int) -> None:
+        """The `add` tokens written past the filled part (after `reserve`) are part of the cache now."""
+        n = self.get_seq_length() + add
+        self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
     def _views_of_buffer(self) -> bool:
         # False after crop/batch_select_indices/reorder replaced keys with other tensors, or before the first fill.
         # A crop that kept a prefix of the buffer (same start and strides) still counts: writing on at the new

@@ -121,6 +121,8 @@ def _base_worker_class():
                                        context_len=self.context_len, lease=lease,
                                        stream_interval=args.stream_interval,
                                        prefix_cache=self._prefix_cache(args.prefix_cache_mb)).start()
+            if hasattr(self.engine, "decode_path"):
+                print(f"batching worker: decode steps on {self.engine.decode_path}", flush=True)
             if not args.no_register:
                 self.init_heart_beat()
 

@@ -26,7 +26,8 @@ import torch  # first: its OpenMP runtime is the one the kernel's libgomp.so.1 r
 from engine.host.hardware import cpu_flags
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(CSRC / name for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c"))
+SOURCES = tuple(CSRC / name for name in ("linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c",
+                                         "decode_step.c"))
 HEADERS = tuple(CSRC / name for name in ("bf16_simd.h", "linear_blocks.h", "attention_body.h", "fused_ops_body.h"))
 # -ffp-contract=off: the scalar tails stay multiply-then-add everywhere, so an output is computed by the
 # same operations whichever block computed it (a row's result must not depend on the batch).
