@@ -8,7 +8,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from itertools import pairwise
 from pathlib import Path
 
 import torch  # loaded before read_probe.c: its OpenMP runtime is the one the probe's libgomp.so.1 resolves to
@@ -150,7 +149,7 @@ def first_token(model, input_ids: torch.Tensor, repeats: int, cache: Callable[[]
 
 @dataclass(frozen=True)
 class ProbedStep:
-    """One decode step of `probed_decode` and the memory bandwidth read right before and right after it."""
+    """One decode step of `engine_steps` and the memory bandwidth read right before and right after it."""
 
     step_s: float
     before: float  # bytes/s
@@ -158,33 +157,38 @@ class ProbedStep:
 
 
 @torch.inference_mode()
-def probed_decode(model, input_ids: torch.Tensor, new_tokens: int, probe: Callable[[], float],
-                  cache: Callable[[], object] | None = None) -> list[ProbedStep]:
-    """A greedy `generate` of `new_tokens` tokens that reads the memory bandwidth (`probe`) between every two
-    decode steps: new_tokens - 1 steps, each with the readings right before and after it.
+def engine_steps(model, input_ids: torch.Tensor, new_tokens: int,
+                 probe: Callable[[], float] | None = None) -> list[ProbedStep]:
+    """The batching worker's decode of input_ids' rows: the worker's prefill, then new_tokens - 1 greedy steps on
+    the step the worker takes (engine.batching.decode_logits: decode_step.c where the model has it, else its
+    forward, on the worker's KV cache), each timed alone. With `probe`, the memory bandwidth is read right before
+    and right after each step (0 without).
 
-    Why: this VM's memory bandwidth switches between bands (~30 and ~55 GB/s) within seconds, so a roofline
-    read before and after a whole run of tokens may belong to another band than the tokens themselves; a
-    probe next to each step is read within ~10 ms of it. A step is the time between two probes: the forward
-    pass and generate's own work around it (as raw_decode counts it), not the probe.
-    """
-    from transformers import LogitsProcessor, LogitsProcessorList
+    Why a probe next to each step: this VM's memory bandwidth switches between bands (~30 and ~55 GB/s) within
+    seconds, so a roofline read before and after a whole run of tokens may belong to another band than the tokens
+    themselves; a probe next to each step is read within ~10 ms of it."""
+    from engine.batching import decode_logits
+    from engine.kernels.decode_step import for_model
+    from engine.kv_cache import GrowingCache
+    from engine.model_inputs import takes_ready_mask
+    from engine.params import greedy_tokens
+    from engine.prefill import prefill
 
-    class Probe(LogitsProcessor):  # called once per generated token, after its forward pass
-        def __init__(self) -> None:
-            self.marks: list[tuple[float, float, float]] = []  # (start, end, bytes/s)
-
-        def __call__(self, ids, scores):
-            start = time.perf_counter()
-            rate = probe()
-            self.marks.append((start, time.perf_counter(), rate))
-            return scores
-
-    hook = Probe()
-    model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(input_ids), logits_processor=LogitsProcessorList([hook]),
-                   **({"past_key_values": cache()} if cache else {}))
-    return [ProbedStep(b[0] - a[1], a[2], b[2]) for a, b in pairwise(hook.marks)]
+    native, _ = for_model(model)
+    ready = takes_ready_mask(model)
+    prompts = input_ids.tolist()
+    logits, layers = prefill(model, prompts, 0, share=False)
+    cache = GrowingCache.from_legacy_cache(layers)
+    tokens, lengths = greedy_tokens(logits), [len(p) for p in prompts]
+    steps = []
+    for _ in range(new_tokens - 1):
+        before = probe() if probe else 0.0
+        t = time.perf_counter()
+        tokens = greedy_tokens(decode_logits(model, native, ready, cache, tokens, lengths))
+        step = time.perf_counter() - t
+        steps.append(ProbedStep(step, before, probe() if probe else 0.0))
+        lengths = [n + 1 for n in lengths]
+    return steps
 
 
 @torch.inference_mode()

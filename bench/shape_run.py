@@ -162,7 +162,7 @@ def run_shape(args: argparse.Namespace) -> int:
 
     from bench import raw
     from bench.prompts import WARM_TOKENS, _shape_of, cpu_units, prompt_path
-    from bench.raw import ReadProbe, first_token, param_bytes, probe_name, probed_decode, raw_decode
+    from bench.raw import ReadProbe, engine_steps, first_token, param_bytes, probe_name
     from engine import kernels as engine_kernels
     from engine.host.hugepages import collapse_model, release_checkpoint_files
     from engine.kernels.linear import linear_backend
@@ -223,29 +223,29 @@ def run_shape(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     per_token = weight_bytes_per_token(total, emb, tied)
     probe = ReadProbe(n)
-    # The worker's KV cache too: transformers' DynamicCache copies every layer's cache every step, 12 ms of a
-    # ~300 ms step here at 80 tokens (engine/kv_cache.py).
-    raw_decode(model, ids, 2, 1, warm=False, cache=GrowingCache)  # warm-up
-    rates, ttfts, steps, readings = [], [], [], []
+    # Decode as the worker runs it (raw.engine_steps: its prefill, its decode step, its KV cache; transformers'
+    # DynamicCache would copy every layer's cache every step, 12 ms of a ~300 ms step here at 80 tokens).
+    engine_steps(model, ids, 2)  # warm-up
+    rates, steps, readings = [], [], []
     for _ in range(repeats):
-        rate, ttft = raw_decode(model, ids, tokens, 1, warm=False, cache=GrowingCache)
-        rates.append(rate.median)
-        ttfts.append(ttft.median)
-        # The roofline next to each step: this VM's bandwidth switches bands within seconds (probed_decode).
-        run = probed_decode(model, ids, tokens, probe, cache=GrowingCache)
+        run = engine_steps(model, ids, tokens)
+        rates.append((tokens - 1) / sum(s.step_s for s in run))
+        # The roofline next to each step: this VM's bandwidth switches bands within seconds (engine_steps).
+        run = engine_steps(model, ids, tokens, probe)
         steps += run
-        readings += [s.before for s in run] + [run[-1].after]
-    rate, ttft = Stat.of(rates), Stat.of(ttfts)
+        readings += [r for s in run for r in (s.before, s.after)]
+    rate = Stat.of(rates)
+    # The first token as before: a 1-token generate on the installed model with the worker's cache.
+    ttft = first_token(model, ids, repeats, cache=GrowingCache)
     # Each step's bytes/s against the probe read right before it (the target's figure), and the stricter
     # reading: a roofline is a ceiling, so against the faster of the probes before and after it.
     fraction = Stat.of([per_token / s.step_s / s.before for s in steps])
     strict = Stat.of([per_token / s.step_s / max(s.before, s.after) for s in steps])
     bw = Stat.of(readings)
-    # The same steps' own rate: raw_decode's (an N-token generate less a 1-token one) carries the noise of two
-    # prefills and once read 4.25 tok/s, 65 GB/s, where no probe read more than 56.
+    # The probed steps' own rate, beside the unprobed runs' (whose steps run back to back).
     step_rate = Stat.of([1 / s.step_s for s in steps])
     roof = roofline_tokens_per_s(bw.median, per_token)
-    rate4, _ = raw_decode(model, ids.repeat(4, 1), tokens, 1, cache=GrowingCache)
+    rate4 = Stat.of([4 * (tokens - 1) / sum(s.step_s for s in engine_steps(model, ids.repeat(4, 1), tokens))])
     phases["decode_s"] = time.perf_counter() - t
     t = time.perf_counter()
     peaks.append(_peak(n))
@@ -270,7 +270,7 @@ def run_shape(args: argparse.Namespace) -> int:
            "probed_steps": [{"step_s": s.step_s, "before_gbs": s.before / 1e9, "after_gbs": s.after / 1e9} for s in steps],
            "decode_tokens_per_s_per_repeat": rates,
            "batch4_aggregate_tokens_per_s": rate4.__dict__,
-           # Against batch 1 timed the same way (generate lengths), not against the probed steps.
+           # Against batch 1 timed the same way (unprobed runs), not against the probed steps.
            "batch4_ratio": rate4.median / rate.median,
            # Plain PyTorch on the same model, timed as ttft_64_tokens_s is (a 1-token generate of the same ids).
            "torch_ttft_64_tokens_s": asdict(torch_ttft), "ttft_64_vs_torch_ratio": ttft_ratio,
@@ -308,11 +308,11 @@ def run_shape(args: argparse.Namespace) -> int:
     print(f"{args.shape} (random weights, bf16, {n} threads, linears on {kernels}): {total / 1e9:.1f} GB ready in "
           f"{built:.0f} s, RSS {out['rss_bytes'] / 1e9:.1f} GB\n  {source}\n  bandwidth {bw.median / 1e9:.1f} "
           f"({bw.min / 1e9:.1f}-{bw.max / 1e9:.1f}) GB/s, "
-          f"roofline {roof:.2f} tok/s; batch 1 decode {step_rate.fmt(2)} tok/s a step ({rate.fmt(2)} by generate "
-          f"lengths); {fraction.fmt(2)} of the roofline "
+          f"roofline {roof:.2f} tok/s; batch 1 decode {step_rate.fmt(2)} tok/s a probed step ({rate.fmt(2)} in "
+          f"unprobed runs); {fraction.fmt(2)} of the roofline "
           f"({len(steps)} steps, each against the probe read right before it; {strict.fmt(2)} against the faster of "
           f"the probes before and after it); 64-token prompt TTFT {ttft.fmt(2)} s; batch 4 {rate4.fmt(2)} tok/s total "
-          f"(x{out['batch4_ratio']:.2f} batch 1 by generate lengths)")
+          f"(x{out['batch4_ratio']:.2f} batch 1 in unprobed runs)")
     print(prompt_lines(out))
     write_json(args, out)
     return 0

@@ -259,23 +259,8 @@ class BatchEngine(EngineThread):
 
     def _step(self) -> None:
         batch = len(self.rows)
-        width = self.cache.get_seq_length()
-        input_ids = torch.tensor([[r.last_token] for r in self.rows], dtype=torch.long)
-        mask = torch.zeros(batch, width + 1, dtype=torch.long)
-        for i, r in enumerate(self.rows):
-            mask[i, width - r.length:] = 1
-        padded = min(r.length for r in self.rows) < width
-        # Each row continues at its own position, whatever its padding.
-        positions = torch.tensor([[r.length] for r in self.rows], dtype=torch.long)
-        if self.native_step is not None:
-            logits = self.native_step(input_ids, positions, mask if padded else None, self.cache)
-        else:
-            if self._ready_mask and padded:
-                mask = mask.bool()[:, None, None, :]  # see takes_ready_mask
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True)
-            self.cache = out.past_key_values
-            logits = out.logits[:, -1, :]
+        logits = decode_logits(self.model, self.native_step, self._ready_mask, self.cache,
+                               [r.last_token for r in self.rows], [r.length for r in self.rows])
         self.steps += 1
         # Greedy rows: one argmax over the whole batch instead of one call per row.
         greedy = greedy_tokens(logits)
@@ -395,6 +380,31 @@ class BatchEngine(EngineThread):
         idx = torch.tensor(keep, dtype=torch.long)
         layers = tuple((k[idx, :, trim:, :], v[idx, :, trim:, :]) for k, v in self.cache.to_legacy_cache())
         self.cache = GrowingCache.from_legacy_cache(layers)
+
+
+def decode_logits(model, native_step, ready_mask: bool, cache: GrowingCache, tokens: list[int],
+                  lengths: list[int]) -> torch.Tensor:
+    """One decode step of rows left-padded in `cache` (row i: `lengths[i]` real tokens, then `tokens[i]`): their
+    logits [rows, vocab], the cache updated in place. On `native_step` (kernels/decode_step.py) where the model has
+    one, else the model's forward; `ready_mask`: the model takes a ready 4D mask (model_inputs.takes_ready_mask).
+    The bench's shape run times decode with this too (bench/shape_run.py)."""
+    width = cache.get_seq_length()
+    input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long)
+    mask = torch.zeros(len(tokens), width + 1, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    padded = min(lengths) < width
+    # Each row continues at its own position, whatever its padding.
+    positions = torch.tensor([[n] for n in lengths], dtype=torch.long)
+    if native_step is not None:
+        return native_step(input_ids, positions, mask if padded else None, cache)
+    if ready_mask and padded:
+        mask = mask.bool()[:, None, None, :]  # see takes_ready_mask
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    if out.past_key_values is not cache:
+        raise RuntimeError("the model's forward returned another cache than the one it was given")
+    return out.logits[:, -1, :]
 
 
 def _select_rows(layers: tuple, keep: list[int], total: int) -> tuple:

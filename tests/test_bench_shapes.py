@@ -236,11 +236,14 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
     assert f"\n{name} (random weights" in printed and out["path"] in printed and f"{out['load_rss_ratio']:.3f} x" in printed
 
     # Plain PyTorch first on the model as loaded (a warm-up pass, then every prompt), the kernels installed once,
-    # then the engine on the same prompts, each of its passes the worker's prefill.
+    # then the engine on the same prompts, each of its passes the worker's prefill; then decode as the worker
+    # decodes (bench.raw.engine_steps), each run of steps after the worker's prefill of the 64-token prompt: one to
+    # warm up, two per repeat, one at batch 4.
     warm = bench_prompts.WARM_TOKENS
     torch_side = [("torch", n) for n in (warm, 8, 8, 40, 40)]
     engine_side = [e for n in (warm, 8, 8, 40, 40) for e in (("engine", n), ("prefill", n))]
-    assert events == [*torch_side, ("install", None), *engine_side]
+    decode_side = [("prefill", shape_run.TTFT_TOKENS)] * (1 + 2 * 2 + 1)
+    assert events == [*torch_side, ("install", None), *engine_side, *decode_side]
     assert out["cpu"] and out["cpu"] in printed and isinstance(out["cpu_units"], list)
     # The 64-token first token: the engine's figure and plain PyTorch's, timed alike, and their ratio.
     assert out["torch_ttft_64_tokens_s"]["n"] == 2 and out["torch_ttft_64_tokens_s"]["median"] > 0

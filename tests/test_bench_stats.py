@@ -133,8 +133,17 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
 
     monkeypatch.setattr(bench_raw, "build_shape_model", tiny)
     monkeypatch.setattr(bench_raw, "ReadProbe", Probe)
-    # Decoded with the worker's KV cache, a new one for every generate (2 to warm up, 3 per repeat, 3 at batch 4).
+    # Decoded as the worker decodes, on the worker's KV cache: a new one for each run of steps (1 to warm up, 2 per
+    # repeat, 1 at batch 4) and each first-token generate (1 per repeat).
     from engine import kv_cache
+    from engine.kernels import decode_step
+    from engine.kernels.native import native_kernel
+
+    native = []
+    real_step = decode_step.NativeDecodeStep.__call__
+    monkeypatch.setattr(decode_step.NativeDecodeStep, "__call__",
+                        lambda self, *a: native.append(a[0].shape[0]) or real_step(self, *a))
+    has_bf16_units = native_kernel()[0] is not None and native_kernel()[0].bf16_units
 
     made = []
 
@@ -148,19 +157,21 @@ def test_shape_bench_judges_each_step_against_the_probes_next_to_it(tmp_path, mo
     args = bench.parse_args(["--shape", "qwen-7b", "--tokens", "3", "--repeats", "2", "--json", str(out_path),
                              "--no-plot"])
     assert bench.run_shape(args) == 0
-    assert len(made) == 11 and len({id(c) for c in made}) == 11 and made[-1].get_seq_length() > 0
+    assert len(made) == 8 and len({id(c) for c in made}) == 8
+    # Where the CPU has AVX512_BF16 the steps ran on decode_step.c: 1 to warm up, 2 + 2 per repeat, 2 of 4 rows.
+    assert native == ([1] + [1] * 4 * 2 + [4, 4] if has_bf16_units else [])
     out = json.loads(out_path.read_text())
     per_token = out["bytes_read_per_token"]
     steps = out["probed_steps"]
-    # 3 tokens: 3 probes and 2 steps between them, per repeat.
-    assert [(s["before_gbs"], s["after_gbs"]) for s in steps] == [(1, 2), (2, 3), (4, 5), (5, 6)]
+    # 3 tokens: 2 steps per repeat, each between its own two probes.
+    assert [(s["before_gbs"], s["after_gbs"]) for s in steps] == [(1, 2), (3, 4), (5, 6), (7, 8)]
     assert all(0 < s["step_s"] < probe_s for s in steps)
     fractions = [per_token / s["step_s"] / (s["before_gbs"] * 1e9) for s in steps]
     assert out["roofline_fraction"]["qwen-7b"] == pytest.approx(statistics.median(fractions))
     assert out["roofline_fraction_noise"] == pytest.approx([min(fractions), max(fractions)])
     faster = [per_token / s["step_s"] / (s["after_gbs"] * 1e9) for s in steps]
     assert out["roofline_fraction_against_faster_probe"]["median"] == pytest.approx(statistics.median(faster))
-    assert out["bandwidth_gbs"] == pytest.approx(3.5)  # median of all six readings
+    assert out["bandwidth_gbs"] == pytest.approx(4.5)  # median of all eight readings
     assert len(out["decode_tokens_per_s_per_repeat"]) == 2
     assert out["decode_tokens_per_s_per_step"]["median"] == pytest.approx(
         statistics.median([1 / s["step_s"] for s in steps]))

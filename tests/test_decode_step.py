@@ -100,10 +100,15 @@ def test_a_wrong_mask_or_position_changes_the_logits():
     assert not torch.equal(right, shifted)
 
 
-def test_where_the_step_does_not_hold_the_model_forward_decodes():
+def test_where_the_step_does_not_hold_the_model_forward_decodes(monkeypatch):
     model = _tiny(*MODELS[0], biases=False)
     assert decode_step.unfit_reason(model) == ""
+    assert BatchEngine(model, _Tokenizer()).native_step is not None
     assert "switched off" in BatchEngine(model, _Tokenizer(), native_step=False).decode_path
+    monkeypatch.setenv("CPU_ARENA_NO_DECODE_STEP", "1")
+    engine = BatchEngine(model, _Tokenizer())
+    assert engine.native_step is None and "CPU_ARENA_NO_DECODE_STEP" in engine.decode_path
+    monkeypatch.delenv("CPU_ARENA_NO_DECODE_STEP")
     paths.activate(paths.parse("decode=torch,prompt_torch_from=64,attention_torch_from=1025"))
     assert "PyTorch" in decode_step.unfit_reason(model)
     kernels.uninstall()

@@ -12,12 +12,13 @@ tokens stay the same whichever way it was decoded, batched or alone.
 `for_model` gives one only where that holds: the exact transformers Llama and Qwen2 classes in bf16 on SDPA (the
 attention this process routes to attention.c), every layer a FusedDecoderLayer on the inlined path, full
 attention (no sliding window), decode steps on the kernels (paths.py), and a CPU with AVX512_BF16. Elsewhere the
-decode loop calls the model.
+decode loop calls the model (and where CPU_ARENA_NO_DECODE_STEP is set, for comparisons).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import cache
 from pathlib import Path
 
@@ -155,8 +156,9 @@ def _bind(library: Path) -> _Bound:
 
 
 def for_model(model) -> tuple[NativeDecodeStep | None, str]:
-    """(the step, "") where `model` can decode on it here, else (None, why not)."""
-    why = unfit_reason(model)
+    """(the step, "") where `model` can decode on it here, else (None, why not). CPU_ARENA_NO_DECODE_STEP=1 in the
+    worker's environment keeps the model's forward, to measure one against the other."""
+    why = "CPU_ARENA_NO_DECODE_STEP is set" if os.environ.get("CPU_ARENA_NO_DECODE_STEP") else unfit_reason(model)
     if why:
         return None, why
     return NativeDecodeStep(model, native_kernel()[0]), ""
