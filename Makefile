@@ -61,7 +61,7 @@ bench: $(STAMP)
 	$(PY) -m bench --config $(CONFIG) $(ARGS)
 
 # Optional: llama.cpp as `make bench`'s anchor (bench/llamacpp.py). llama-cpp-python is compiled from its PyPI sdist
-# for this CPU (-march=native: AVX-512 and its bf16 units where the CPU has them; ~18 min on 2 cores); the sdist is
+# for this CPU (-march=native: AVX-512 and its bf16 units where the CPU has them; 6-18 min on 2 cores); the sdist is
 # kept in $(ANCHOR_SRC), where the bench takes llama.cpp's own converter (vendor/llama.cpp) to write BF16 GGUFs.
 # Installed once: to rebuild (other flags, another CPU), `$(PY) -m pip uninstall -y llama-cpp-python` first.
 ANCHOR_SRC  := $(HOME)/.cache/cpu-arena/llama.cpp

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n", 1)[1].strip(),
         epilog="Examples:\n"
-               "  make bench                                          # every configured model (~6-8 min on 2 quiet cores)\n"
+               "  make bench                                          # every configured model (~13 min on 2 quiet cores)\n"
                "  make bench ARGS='--quick --models smollm2-135m'     # smoke run, ~3 min\n"
                "  make bench ARGS='--quick --models smollm2-135m --worker fastchat'   # the stock worker\n"
                "  make bench ARGS='--shape qwen-7b'                   # Qwen-7B-Chat-shaped random weights, ~16 GB RAM\n"

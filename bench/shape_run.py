@@ -165,6 +165,7 @@ def run_shape(args: argparse.Namespace) -> int:
     from bench.raw import ReadProbe, engine_steps, first_token, param_bytes, probe_name
     from engine import kernels as engine_kernels
     from engine.host.hugepages import collapse_model, release_checkpoint_files
+    from engine.kernels.decode_step import for_model
     from engine.kernels.linear import linear_backend
     from engine.kernels.path_choice import choose_paths
     from engine.kv_cache import GrowingCache
@@ -214,7 +215,9 @@ def run_shape(args: argparse.Namespace) -> int:
     huge, why = collapse_model(model)
     release_checkpoint_files(model)
     phases["install_s"] = time.perf_counter() - t
-    kernels += f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache"
+    native, not_native = for_model(model)
+    kernels += (f"; {huge / 1e9:.1f} GB of weights on 2 MB pages{f' ({why})' if why else ''}; the worker's KV cache; "
+                f"decode steps on {'decode_step.c' if native else f'the model forward ({not_native})'}")
     print(f"the engine ({kernels}): prompt passes ...", flush=True)
     t = time.perf_counter()
     engine_passes = time_prompt_passes("engine", engine_prompt_pass, model, prompts, warm)

@@ -175,12 +175,14 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
     import statistics
 
     import engine.kernels
+    import engine.kernels.native
     import engine.prefill
     from bench import cli as bench
     from bench import prompts as bench_prompts
     from bench import raw as bench_raw
     from bench import shape_run
     from bench.stats import _s
+    from engine.kernels import decode_step
 
     class Probe:  # a fixed 10 GB/s: the measurement's arithmetic is test_bench_stats'; here the path is
         def __init__(self, n_threads, mb=512):
@@ -216,6 +218,9 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
     monkeypatch.setattr(shape_run, "engine_prompt_pass", record("engine", shape_run.engine_prompt_pass))
     monkeypatch.setattr(engine.prefill, "prefill", record("prefill", engine.prefill.prefill, lambda m, p, *a, **k: len(p[0])))
     monkeypatch.setattr(engine.kernels, "install", record("install", engine.kernels.install, lambda *a, **k: None))
+    native = []  # decode steps on decode_step.c
+    real_step = decode_step.NativeDecodeStep.__call__
+    monkeypatch.setattr(decode_step.NativeDecodeStep, "__call__", lambda self, *a: native.append(1) or real_step(self, *a))
     out_path = tmp_path / "shape.json"
     args = bench.parse_args(["--shape", name, "--tokens", "3", "--repeats", "2", "--json", str(out_path)])
     args.shape_prompts = (8, 40)  # --shape-prompts
@@ -244,6 +249,12 @@ def test_the_shape_bench_measures_the_natively_loaded_model(name, tmp_path, monk
     engine_side = [e for n in (warm, 8, 8, 40, 40) for e in (("engine", n), ("prefill", n))]
     decode_side = [("prefill", shape_run.TTFT_TOKENS)] * (1 + 2 * 2 + 1)
     assert events == [*torch_side, ("install", None), *engine_side, *decode_side]
+    # Qwen-7B loads as Qwen2ForCausalLM: its steps are the worker's one-call step where the CPU has AVX512_BF16;
+    # ChatGLM3-6B's GLM architecture decodes through its forward.
+    kernel = engine.kernels.native.native_kernel()[0]
+    one_call = name == "qwen-7b" and kernel is not None and kernel.bf16_units
+    assert len(native) == (1 + 2 * 2 * 2 + 2 if one_call else 0)
+    assert ("decode steps on decode_step.c" if one_call else "decode steps on the model forward (") in out["kernels"]
     assert out["cpu"] and out["cpu"] in printed and isinstance(out["cpu_units"], list)
     # The 64-token first token: the engine's figure and plain PyTorch's, timed alike, and their ratio.
     assert out["torch_ttft_64_tokens_s"]["n"] == 2 and out["torch_ttft_64_tokens_s"]["median"] > 0
