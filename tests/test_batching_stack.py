@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from engine.kernels.native import has_bf16_units
 from launch.state import read_state
 from tests.stackutil import MARKERS, stream_text, worker_url
 
@@ -53,6 +54,10 @@ def test_the_worker_is_the_batching_worker_with_the_chat_template(stack):
         for kind in ("decode", "prompt", "attention"):
             assert re.search(rf"batching worker: paths: {kind} on .*kernel .* ms, torch .* ms", log), kind
         assert re.search(r"batching worker: paths: measured (now|before on this machine)", log)
+        # Both embedded models are transformers Llama/Qwen2 classes in bf16: their decode steps are one C call
+        # where the CPU has AVX512_BF16 (engine/kernels/decode_step.py), else the model's forward, and the log says so.
+        expected = "decoder layers in one C call (decode_step.c)" if has_bf16_units() else "the model's forward ("
+        assert f"batching worker: decode steps on {expected}" in log
 
 
 def test_non_streaming_and_streaming_agree_with_usage(stack_client):

@@ -499,5 +499,6 @@ def test_the_served_library_holds_the_kernels_only():
     """The bench's bandwidth probe is built apart (bench/csrc/read_probe.c): nothing of the bench is served."""
     import ctypes
 
-    assert [p.name for p in native.SOURCES] == ["linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c"]
+    assert [p.name for p in native.SOURCES] == ["linear.c", "linear_avx512bf16.c", "attention.c", "fused_ops.c",
+                                               "decode_step.c"]
     assert not hasattr(ctypes.CDLL(str(KERNEL.path)), "read_probe")
