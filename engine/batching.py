@@ -91,7 +91,7 @@ class BatchEngine(EngineThread):
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, context_len: int = 2048,
                  lease: CoreLease | None = None, stream_interval: int = STREAM_INTERVAL,
-                 prefix_cache: PrefixCache | None = None, drop_leading: str = "", native_step: bool = True):
+                 prefix_cache: PrefixCache | None = None, drop_leading: str = ""):
         super().__init__()
         self.drop_leading = drop_leading  # cut once from each answer's start (IncrementalText)
         if stream_interval < 1:
@@ -112,7 +112,7 @@ class BatchEngine(EngineThread):
         # `decode_path` says which, for the worker's log.
         from engine.kernels import decode_step  # here: it loads transformers' Llama and Qwen2 modelling code
 
-        self.native_step, why = decode_step.for_model(model) if native_step else (None, "switched off")
+        self.native_step, why = decode_step.for_model(model)
         self.decode_path = "decoder layers in one C call (decode_step.c)" if self.native_step \
             else f"the model's forward ({why})"
         # Finished requests' keys and values, for prompts that begin like them (only where a prompt started from
