@@ -21,10 +21,7 @@ decode loop calls the model (and where CPU_ARENA_NO_DECODE_STEP is set, for comp
 
 from __future__ import annotations
 
-import ctypes
 import os
-from functools import cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +88,8 @@ class NativeDecodeStep:
         self._layers = layers
         self._table: torch.Tensor | None = None
         self._weights_at: int | None = None
-        self._fn = _bind(kernel.path)
+        if kernel.layer_fields != LAYER_FIELDS:
+            raise RuntimeError("decode_step.c's layer table does not match decode_step.py's")
 
     def _weights_table(self) -> torch.Tensor:
         """The table's weight columns (its cache columns are filled at each step). Built at the first step, and
@@ -127,36 +125,11 @@ class NativeDecodeStep:
         additive = None
         if mask is not None:  # SDPA's reading of a boolean mask (attention.py): 0 where it may attend, else -inf
             additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(mask == 0, float("-inf"))
-        threads = torch.get_num_threads()
-        scratch = torch.empty(self._fn.scratch(B, self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter),
-                              dtype=torch.bfloat16)
-        scores = torch.empty(threads * self.kernel.tile_queries * (pos + 1 + 8), dtype=torch.float32)
-        self._fn.layers(table.data_ptr(), self.n_layers, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                        additive.data_ptr() if additive is not None else None, pos, B, self.hidden, self.heads,
-                        self.kv_heads, self.head_dim, self.inter, self.eps, self.scale, scratch.data_ptr(),
-                        scores.data_ptr(), threads)
+        self.kernel.decoder_layers(table, x, cos.view(B, -1), sin.view(B, -1), additive, pos, self.heads, self.kv_heads,
+                                   self.head_dim, self.inter, self.eps, self.scale)
         for layer in cache.layers:
             layer.advance(1)
         return self.model.lm_head(inner.norm(x.view(B, 1, self.hidden)))[:, -1, :]
-
-
-class _Bound:
-    def __init__(self, lib: ctypes.CDLL):
-        if lib.decode_step_layer_fields() != LAYER_FIELDS:
-            raise RuntimeError("decode_step.c's layer table does not match decode_step.py's")
-        self.layers = lib.decoder_layers_bf16
-        self.layers.restype = None
-        self.layers.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 \
-            + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-        self.scratch = lib.decode_step_scratch
-        self.scratch.restype = ctypes.c_long
-        self.scratch.argtypes = [ctypes.c_int] * 6
-
-
-@cache
-def _bind(library: Path) -> _Bound:
-    """decode_step.c's functions in the kernels' library (native.py builds it with the other sources)."""
-    return _Bound(ctypes.CDLL(str(library)))
 
 
 def for_model(model) -> tuple[NativeDecodeStep | None, str]:

@@ -82,6 +82,15 @@ class NativeKernel:
         self._mlp_block = lib.mlp_block_bf16
         self._mlp_block.restype = None
         self._mlp_block.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+        lib.decode_step_layer_fields.restype = ctypes.c_int
+        self.layer_fields = lib.decode_step_layer_fields()  # int64 columns of decoder_layers' layer table
+        self._layers = lib.decoder_layers_bf16
+        self._layers.restype = None
+        self._layers.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 \
+            + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        self._layers_scratch = lib.decode_step_scratch
+        self._layers_scratch.restype = ctypes.c_long
+        self._layers_scratch.argtypes = [ctypes.c_int] * 6
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.dtype == torch.bfloat16 and self.bf16_units and weight.dim() == 2:
@@ -173,6 +182,24 @@ class NativeKernel:
                         _ptr(down[1]), out.data_ptr(), scratch.data_ptr(), rows, attn.shape[1], hidden, inter,
                         torch.get_num_threads())
         return out
+
+
+    def decoder_layers(self, table: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor | None, pos: int, heads: int, kv_heads: int, head_dim: int, inter: int,
+                       eps: float, scale: float) -> None:
+        """Every decoder layer of a bf16 decode step (decode_step.c's decoder_layers_bf16), in place on x [rows,
+        hidden]: `table` [layers, layer_fields] int64 (weights and cache buffers, decode_step.py fills it), cos and
+        sin [rows, head_dim] contiguous, mask additive fp32 [rows, pos + 1] contiguous or None, the new column at
+        `pos`. The caller (decode_step.py) checks."""
+        if not self.bf16_units:
+            raise RuntimeError("decoder_layers runs on linear_avx512bf16.c, which needs a CPU with AVX512_BF16")
+        rows, hidden = x.shape
+        threads = torch.get_num_threads()
+        scratch = torch.empty(self._layers_scratch(rows, hidden, heads, kv_heads, head_dim, inter), dtype=torch.bfloat16)
+        scores = torch.empty(threads * self.tile_queries * (pos + 1 + 8), dtype=torch.float32)  # attention's
+        self._layers(table.data_ptr(), table.shape[0], x.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(mask), pos,
+                     rows, hidden, heads, kv_heads, head_dim, inter, eps, scale, scratch.data_ptr(), scores.data_ptr(),
+                     threads)
 
 
 def _in_weight_dtype(x: torch.Tensor, bias: torch.Tensor | None, wdtype: torch.dtype, n_out: int):
